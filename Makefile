@@ -1,0 +1,37 @@
+# The two commands of the README. Both create .venv and install the project when needed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+
+.PHONY: demo test lint install clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, pinned: these releases are served from the local disk (see README).
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(PIP) install torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -e ".[dev]"
+	touch $@
+
+# The out-of-tree example plugin is installed for the tests only, like any third-party plugin.
+$(VENV)/.installed-tests: $(VENV)/.installed tests/plugin_example/pyproject.toml
+	$(PIP) install -e tests/plugin_example
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(BIN)/tarkit --version
+	$(BIN)/tarkit plugins
+
+test: $(VENV)/.installed-tests
+	$(BIN)/python -m pytest -q
+	$(BIN)/ruff check .
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) outputs lightning_logs

@@ -1,0 +1,5 @@
+import sys
+
+from tarkit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,126 @@
+"""The core's interfaces: what each swappable part of Tar must provide.
+
+Plugins subclass these (they are ``nn.Module`` + :class:`~tarkit.pretrained.PretrainedMixin`, so every part
+saves and loads as a folder) and register the subclass under the matching entry-point group.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from tarkit.pretrained import PretrainedMixin
+
+
+class VisionEncoder(PretrainedMixin, nn.Module, ABC):
+    """Pixels ``[B, 3, H, W]`` in ``[0, 1]`` -> features ``[B, N, C]`` on a square ``grid x grid`` layout.
+
+    Group ``tarkit.encoders``. The encoder does its own resizing and normalisation.
+    """
+
+    @property
+    @abstractmethod
+    def grid_size(self) -> int:
+        """Side of the square feature grid (27 for SigLIP2 so400m-patch14-384), so ``N = grid_size**2``."""
+
+    @property
+    @abstractmethod
+    def width(self) -> int:
+        """Feature width ``C``."""
+
+    @property
+    @abstractmethod
+    def image_size(self) -> int:
+        """Side of the square input the encoder works at (images are resized to it)."""
+
+    @abstractmethod
+    def forward(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
+class CodebookProjection(PretrainedMixin, nn.Module, ABC):
+    """Produces the quantizer's codebook ``[K, D]``, e.g. frozen LLM token embeddings ``E`` times a learned ``W``.
+
+    Group ``tarkit.codebooks``.
+    """
+
+    @property
+    @abstractmethod
+    def num_codes(self) -> int:
+        """``K``, the number of codes (image tokens)."""
+
+    @property
+    @abstractmethod
+    def dim(self) -> int:
+        """``D``, the width of each code."""
+
+    @abstractmethod
+    def forward(self) -> torch.Tensor:
+        """The codebook ``[K, D]``, differentiable with respect to the learned parameters."""
+
+
+@dataclass
+class QuantizerOutput:
+    """What a :class:`Quantizer` returns: code indices, straight-through quantized vectors, loss and metrics."""
+
+    indices: torch.Tensor  # [B, N] int64
+    quantized: torch.Tensor  # [B, N, D], gradients flow to the input (straight-through)
+    loss: torch.Tensor  # scalar: commitment + codebook terms
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Quantizer(PretrainedMixin, nn.Module, ABC):
+    """Features ``[B, N, D]`` -> nearest (or sampled) codes of a codebook ``[K, D]``. Group ``tarkit.quantizers``."""
+
+    @abstractmethod
+    def forward(self, features: torch.Tensor, codebook: torch.Tensor) -> QuantizerOutput: ...
+
+
+class DeTokenizer(PretrainedMixin, nn.Module, ABC):
+    """TA-Tok tokens (indices, or their decoded features) -> images ``[B, 3, H, W]`` in ``[0, 1]``.
+
+    Group ``tarkit.detokenizers``. ``sample`` takes classifier-free-guidance arguments; ``cfg_scale=1``
+    must equal unguided sampling.
+    """
+
+    @abstractmethod
+    def sample(
+        self,
+        condition: torch.Tensor,
+        cfg_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        **sampling: Any,
+    ) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` in ``[0, 1]`` from condition features ``[B, N, C]``."""
+
+
+class LanguageModel(PretrainedMixin, nn.Module, ABC):
+    """A causal language model and its tokenizer, whose vocabulary tarkit expands with image tokens.
+
+    Group ``tarkit.lms``.
+    """
+
+    @property
+    @abstractmethod
+    def tokenizer(self) -> Any:
+        """A Hugging Face tokenizer matching the model's vocabulary."""
+
+    @abstractmethod
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits ``[B, T, V]``."""
+
+
+class TaskFormatter(ABC):
+    """Turns a data sample (image tokens, text, task fields) into LM input ids and loss labels.
+
+    Group ``tarkit.tasks`` (i2t, t2i, i2i, ti2i, text-only).
+    """
+
+    name: str
+
+    @abstractmethod
+    def format(self, sample: dict[str, Any], tokenizer: Any) -> dict[str, torch.Tensor]:
+        """``{"input_ids": [T], "labels": [T]}`` with labels ``-100`` outside the supervised span."""

@@ -1,0 +1,199 @@
+"""Save and load any tarkit model as a folder: ``config.json`` (constructor arguments) + ``model.safetensors``.
+
+In the spirit of diffusers' ``ModelMixin``/``ConfigMixin``: a class that mixes in :class:`PretrainedMixin`
+has the arguments of its constructor recorded automatically, so ``save_pretrained(dir)`` and
+``Class.from_pretrained(dir)`` need nothing else. Injected parts that are themselves pretrained models are
+stored as nested ``{"class_path", "init_args"}`` entries (the LightningCLI recipe form), so composite models
+round-trip too. Weights are never unpickled.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import os
+from pathlib import Path
+from typing import Any, Self
+
+import torch
+from safetensors.torch import load_file, save_model
+from torch import nn
+
+from tarkit.registry import import_from_string
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class PretrainedLoadError(ValueError):
+    """A pretrained folder or file cannot be loaded into the model it describes."""
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _record_init_args(init):
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        # Only the most derived constructor records: parents called through super() see it already set.
+        if "_init_config" not in self.__dict__:
+            bound = inspect.signature(init).bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            config = {}
+            for name, value in list(bound.arguments.items())[1:]:
+                kind = inspect.signature(init).parameters[name].kind
+                if kind is inspect.Parameter.VAR_KEYWORD:
+                    config.update(value)
+                elif kind is not inspect.Parameter.VAR_POSITIONAL:
+                    config[name] = value
+            object.__setattr__(self, "_init_config", config)
+        init(self, *args, **kwargs)
+
+    return wrapper
+
+
+def _to_json(value: Any, where: str) -> Any:
+    if isinstance(value, PretrainedMixin):
+        return {"class_path": _class_path(type(value)), "init_args": value.config_dict()}
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_to_json(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return {str(k): _to_json(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    raise TypeError(
+        f"cannot save config: argument {where!r} is a {type(value).__name__}, which is not JSON-serialisable; "
+        "pass plain values (or pretrained parts) to the constructor"
+    )
+
+
+def _from_json(value: Any) -> Any:
+    if isinstance(value, dict) and set(value) == {"class_path", "init_args"}:
+        cls = import_from_string(value["class_path"])
+        if not (inspect.isclass(cls) and issubclass(cls, PretrainedMixin)):
+            raise PretrainedLoadError(f"config names {value['class_path']}, which is not a tarkit pretrained class")
+        return cls(**{k: _from_json(v) for k, v in value["init_args"].items()})
+    if isinstance(value, list):
+        return [_from_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _from_json(v) for k, v in value.items()}
+    return value
+
+
+def _alias_groups(module: nn.Module) -> list[set[str]]:
+    """State-dict keys that share storage (tied weights): safetensors stores one name per group."""
+    groups: dict[tuple, set[str]] = {}
+    for key, tensor in module.state_dict(keep_vars=True).items():
+        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        groups.setdefault(ident, set()).add(key)
+    return list(groups.values())
+
+
+def check_state_dict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise one clear error listing missing, unexpected and wrongly shaped keys (tied aliases allowed)."""
+    expected = module.state_dict()
+    present = set(state)
+    missing = sorted(k for group in _alias_groups(module) if not (group & present) for k in group)
+    unexpected = sorted(present - set(expected))
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(present & set(expected))
+        if state[k].shape != expected[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_short_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_short_list(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatch {_short_list(mismatched)}")
+    if problems:
+        raise PretrainedLoadError(
+            f"{source} does not match {type(module).__name__}: {'; '.join(problems)}. "
+            "Is it the right checkpoint for this config?"
+        )
+
+
+def _short_list(items: list[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    return f"[{shown}{f', ... {len(items) - limit} more' if len(items) > limit else ''}]"
+
+
+def resolve_pretrained_dir(path: str | os.PathLike, filenames: tuple[str, ...] = (CONFIG_NAME, WEIGHTS_NAME)) -> Path:
+    """A local folder, or a Hugging Face hub id downloaded to the local cache."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists():
+        raise PretrainedLoadError(f"{path} is a file; from_pretrained expects a folder with {', '.join(filenames)}")
+    repo_id = str(path)
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
+        raise PretrainedLoadError(f"{path} does not exist; give a local folder or a hub id like 'org/name'")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=list(filenames)))
+    except Exception as err:
+        raise PretrainedLoadError(
+            f"{path} is not a local folder and could not be fetched from the hub "
+            f"({type(err).__name__}); download it and pass the local folder"
+        ) from err
+
+
+class PretrainedMixin:
+    """Adds ``save_pretrained`` / ``from_pretrained`` (config.json + model.safetensors) to an ``nn.Module``.
+
+    The constructor's arguments become the config; they must be JSON values or pretrained parts.
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _record_init_args(cls.__init__)
+
+    def config_dict(self) -> dict[str, Any]:
+        """The constructor arguments, JSON-ready."""
+        return {k: _to_json(v, k) for k, v in self.__dict__.get("_init_config", {}).items()}
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``save_directory`` (created if needed)."""
+        config = {"class_path": _class_path(type(self)), "init_args": self.config_dict()}
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        save_model(self, str(out / WEIGHTS_NAME), metadata={"format": "pt", "class_path": config["class_path"]})
+        return out
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Self:
+        """Build an untrained model from a ``{"class_path", "init_args"}`` config (as written by save)."""
+        if "class_path" not in config or "init_args" not in config:
+            raise PretrainedLoadError("config must have 'class_path' and 'init_args' entries")
+        model = _from_json({"class_path": config["class_path"], "init_args": config["init_args"]})
+        if not isinstance(model, cls):
+            raise PretrainedLoadError(f"config describes {config['class_path']}, which is not a {cls.__name__}")
+        return model
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Self:
+        """Load a folder written by :meth:`save_pretrained` (a local path or a hub id)."""
+        folder = resolve_pretrained_dir(path)
+        config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+        for needed in (config_file, weights_file):
+            if not needed.is_file():
+                raise PretrainedLoadError(f"{folder} has no {needed.name}; is it a tarkit pretrained folder?")
+        try:
+            config = json.loads(config_file.read_text())
+        except json.JSONDecodeError as err:
+            raise PretrainedLoadError(f"{config_file} is not valid JSON: {err}") from err
+        model = cls.from_config(config)
+        state = load_file(str(weights_file), device=str(map_location))
+        check_state_dict(model, state, str(weights_file))
+        model.load_state_dict(state, strict=False)  # strictness checked above; tied aliases are absent
+        return model.to(map_location)
