@@ -1,0 +1,1 @@
+"""Datamodules for users' own image-text data (group ``tarkit.datamodules``)."""

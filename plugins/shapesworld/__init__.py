@@ -1,0 +1,1 @@
+"""ShapesWorld: procedural scenes, GenEval/POPE-style prompts and a deterministic oracle (CPU miniature)."""

@@ -1,0 +1,178 @@
+"""What every tarkit datamodule yields, and the shared pieces to build one.
+
+A sample is one training example of one task kind:
+
+- ``i2t``  image -> text   (``input_image`` + question in ``text``, supervised ``answer``)
+- ``t2i``  text -> image   (prompt in ``text``, ``target_image``)
+- ``i2i``  image -> image  (``input_image`` -> ``target_image``; the same image when the data has no pairs)
+- ``ti2i`` text + image -> image (instruction in ``text``, ``input_image`` -> ``target_image``)
+
+Images are float tensors ``[3, S, S]`` in ``[0, 1]``; an image a task does not use is all zeros with its
+``has_*`` flag False, so mixed-task batches collate with torch's default collate.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+TASKS: tuple[str, ...] = ("i2t", "t2i", "i2i", "ti2i")
+
+DEFAULT_TASK_RATIOS: dict[str, float] = {"i2t": 1.0, "t2i": 1.0, "i2i": 0.25, "ti2i": 0.25}
+
+
+class DataWarning(UserWarning):
+    """Something in the data was skipped or fixed up; training goes on."""
+
+
+class DataFormatError(ValueError):
+    """The data cannot be read as given (malformed file, missing field); names the file and line."""
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB: grayscale, palette, alpha (composited on white), 16/32-bit and float."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        if image.mode == "F" and array.max() <= 1.0:
+            top = 1.0
+        image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def load_image(source: str | Path | Any) -> Image.Image:
+    """Open and fully decode an image (a path or a file object) as RGB; raises ``OSError``/``ValueError`` on
+    corrupt, truncated or unsupported files so callers can skip them."""
+    try:
+        with Image.open(source) as image:
+            image.load()  # decode now: truncated files fail here, not later in a worker
+            return to_rgb(image)
+    except (SyntaxError, Image.DecompressionBombError) as err:
+        # Pillow reports a broken PNG chunk as SyntaxError and an absurd size (often a corrupt header) as
+        # DecompressionBombError; callers skip on OSError, so neither may escape as something else.
+        raise OSError(f"cannot decode image ({type(err).__name__}: {err})") from err
+
+
+def image_to_tensor(image: Image.Image, size: int | None = None) -> torch.Tensor:
+    """RGB PIL image -> ``[3, S, S]`` float in ``[0, 1]`` (resized with bicubic filtering when ``size`` is set)."""
+    if size is not None and image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    array = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def tensor_to_image(tensor: torch.Tensor) -> Image.Image:
+    """``[3, H, W]`` in ``[0, 1]`` -> RGB PIL image."""
+    array = tensor.detach().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array, mode="RGB")
+
+
+def make_sample(
+    task: str,
+    image_size: int,
+    text: str = "",
+    answer: str = "",
+    input_image: torch.Tensor | None = None,
+    target_image: torch.Tensor | None = None,
+) -> dict[str, Any]:
+    """The sample dict every datamodule yields (see the module docstring)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
+    blank = torch.zeros(3, image_size, image_size)
+    return {
+        "task": task,
+        "text": text,
+        "answer": answer,
+        "input_image": blank if input_image is None else input_image,
+        "target_image": blank if target_image is None else target_image,
+        "has_input_image": input_image is not None,
+        "has_target_image": target_image is not None,
+    }
+
+
+@dataclass(frozen=True)
+class TaskMix:
+    """Chooses each sample's task by configurable ratios, reproducibly from ``(seed, epoch, index)``.
+
+    Only tasks the record supports (a caption cannot make a ti2i example) and with a positive ratio are
+    candidates; their ratios are renormalised.
+    """
+
+    ratios: Mapping[str, float]
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = set(self.ratios) - set(TASKS)
+        if unknown:
+            raise ValueError(f"unknown task(s) in task_ratios: {sorted(unknown)}; tasks are {', '.join(TASKS)}")
+        if any(r < 0 for r in self.ratios.values()) or not any(r > 0 for r in self.ratios.values()):
+            raise ValueError(f"task_ratios must be non-negative with at least one positive, got {dict(self.ratios)}")
+
+    def choose(self, index: int, supported: Sequence[str] = TASKS, epoch: int = 0) -> str:
+        candidates = [t for t in TASKS if t in supported and self.ratios.get(t, 0) > 0]
+        if not candidates:
+            raise DataFormatError(
+                f"record {index} supports tasks {list(supported)} but task_ratios {dict(self.ratios)} enables none"
+            )
+        rng = random.Random(f"{self.seed}/{epoch}/{index}")
+        return rng.choices(candidates, weights=[self.ratios[t] for t in candidates])[0]
+
+
+class SkipCounter:
+    """Counts skipped inputs and warns once per skip with the running total (per process/worker)."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.count = 0
+
+    def skip(self, item: str, reason: BaseException | str) -> None:
+        self.count += 1
+        detail = f"{type(reason).__name__}: {reason}" if isinstance(reason, BaseException) else reason
+        detail = " ".join(str(detail).split())  # one line
+        warnings.warn(f"{self.what}: skipped {item} ({detail}); {self.count} skipped so far", DataWarning, stacklevel=2)
+
+
+def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Rows of a JSONL file; blank lines skipped; a malformed line or a missing field names file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(f"{path}: no such file")
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataFormatError(f"{path}:{number}: not valid JSON ({err.msg}); fix or remove the line") from err
+            if not isinstance(row, dict):
+                raise DataFormatError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            missing = [key for key in required if key not in row]
+            if missing:
+                raise DataFormatError(f"{path}:{number}: missing field(s) {', '.join(missing)}")
+            rows.append(row)
+    return rows
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+    return path
