@@ -22,9 +22,15 @@ $(VENV)/.installed-tests: $(VENV)/.installed tests/plugin_example/pyproject.toml
 
 install: $(VENV)/.installed
 
+DEMO := outputs/demo
+
+# Until the end-to-end demo lands: render held-out ShapesWorld scenes and score them with the oracle.
 demo: $(VENV)/.installed
-	$(BIN)/tarkit --version
 	$(BIN)/tarkit plugins
+	$(BIN)/tarkit shapesworld render --num 120 --split heldout --out $(DEMO)/shapesworld
+	$(BIN)/tarkit eval geneval --images $(DEMO)/shapesworld
+	$(BIN)/tarkit shapesworld answer --questions $(DEMO)/shapesworld/pope_questions.jsonl --out $(DEMO)/pope_answers.jsonl
+	$(BIN)/tarkit eval pope --answers $(DEMO)/pope_answers.jsonl --questions $(DEMO)/shapesworld/pope_questions.jsonl
 
 test: $(VENV)/.installed-tests
 	$(BIN)/python -m pytest -q
