@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import random
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 TASKS: tuple[str, ...] = ("i2t", "t2i", "i2i", "ti2i")
 
@@ -146,14 +147,18 @@ class SkipCounter:
         warnings.warn(f"{self.what}: skipped {item} ({detail}); {self.count} skipped so far", DataWarning, stacklevel=2)
 
 
-def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    """Rows of a JSONL file; blank lines skipped; a malformed line or a missing field names file and line."""
+def iter_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, row)`` of a JSONL file, so callers checking more than ``required`` can name the line too;
+    blank lines skipped; a malformed line (JSON or UTF-8) or a missing field names file and line."""
     path = Path(path)
     if not path.is_file():
         raise DataFormatError(f"{path}: no such file")
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:  # decoded line by line, so bad UTF-8 is reported with its line
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataFormatError(f"{path}:{number}: not UTF-8 ({err.reason}); save the file as UTF-8") from err
             if not line.strip():
                 continue
             try:
@@ -165,8 +170,12 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict[st
             missing = [key for key in required if key not in row]
             if missing:
                 raise DataFormatError(f"{path}:{number}: missing field(s) {', '.join(missing)}")
-            rows.append(row)
-    return rows
+            yield number, row
+
+
+def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Rows of a JSONL file; blank lines skipped; a malformed line or a missing field names file and line."""
+    return [row for _, row in iter_jsonl(path, required)]
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
@@ -176,3 +185,22 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
         for row in rows:
             handle.write(json.dumps(row) + "\n")
     return path
+
+
+class EpochDataLoader(DataLoader):
+    """A DataLoader that calls ``dataset.set_epoch(n)`` when its ``n``-th pass (from 0) starts.
+
+    The datasets use the epoch to vary the task mix (and the shard order) between epochs. Setting it here, in the
+    main process, reaches the workers because each pass starts them anew with a copy of the dataset (so do not
+    make them persistent). A run resumed from a checkpoint counts from 0 again: its mix stays balanced, it just
+    differs from the uninterrupted run's.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.passes = 0
+
+    def __iter__(self):
+        self.dataset.set_epoch(self.passes)
+        self.passes += 1
+        return super().__iter__()

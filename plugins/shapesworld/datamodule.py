@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from tarkit.data import DEFAULT_TASK_RATIOS, TaskMix, image_to_tensor, make_sample
+from tarkit.data import DEFAULT_TASK_RATIOS, EpochDataLoader, TaskMix, image_to_tensor, make_sample
 from tarkit_plugins.shapesworld.world import TAGS, SceneSampler, render
 
 CAPTION_QUESTIONS: tuple[str, ...] = (
@@ -25,10 +25,16 @@ def answer_text(label: str) -> str:
 
 
 class ShapesWorldDataset(Dataset):
-    """``length`` examples of one split; example ``i`` (scene, task, text) depends only on the seed and ``i``."""
+    """``length`` scenes of one split; scene ``i`` depends only on the seed and ``i``, its task and wording
+    also on the epoch (see :meth:`set_epoch`), so every epoch shows each scene through another task."""
 
     def __init__(self, sampler: SceneSampler, length: int, task_mix: TaskMix, pope_fraction: float = 0.5):
         self.sampler, self.length, self.task_mix, self.pope_fraction = sampler, length, task_mix, pope_fraction
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose tasks and wording as in epoch ``epoch`` (``EpochDataLoader`` calls this)."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return self.length
@@ -37,8 +43,8 @@ class ShapesWorldDataset(Dataset):
         if not 0 <= index < self.length:
             raise IndexError(index)
         example = self.sampler.example(index)
-        rng = self.sampler.rng(index, "sample")
-        task = self.task_mix.choose(index)
+        rng = self.sampler.rng(index, f"sample/{self.epoch}")
+        task = self.task_mix.choose(index, epoch=self.epoch)
         image = image_to_tensor(render(example.scene))
         size = self.sampler.size
         if task == "i2t":
@@ -105,17 +111,13 @@ class ShapesWorldDataModule(LightningDataModule):
         self.val_set = ShapesWorldDataset(val_sampler, val_size, self.task_mix, pope_fraction)
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.task_mix.seed) if shuffle else None,
-        )
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        generator = torch.Generator().manual_seed(self.task_mix.seed)
+        return EpochDataLoader(
+            self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers, generator=generator
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)

@@ -46,3 +46,13 @@ def test_samples_are_truthful():
 def test_validation_uses_the_heldout_combinations():
     data = ShapesWorldDataModule(val_size=20)
     assert all(data.val_set.sampler.example(i).scene.combos() <= HELDOUT_COMBOS for i in range(20))
+
+
+def test_each_epoch_shows_the_scenes_through_new_tasks():
+    data = ShapesWorldDataModule(train_size=32, batch_size=32)
+    loader = data.train_dataloader()
+    first, second = (next(iter(loader)) for _ in range(2))
+    assert sorted(first["task"]) != sorted(second["task"]) or first["text"] != second["text"]
+    scene_images = ShapesWorldDataModule(train_size=32).train_set
+    scene_images.set_epoch(3)
+    assert scene_images.sampler.example(0) == data.train_set.sampler.example(0)  # scenes are fixed
