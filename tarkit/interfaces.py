@@ -44,8 +44,22 @@ class VisionEncoder(PretrainedMixin, nn.Module, ABC):
 class CodebookProjection(PretrainedMixin, nn.Module, ABC):
     """Produces the quantizer's codebook ``[K, D]``, e.g. frozen LLM token embeddings ``E`` times a learned ``W``.
 
-    Group ``tarkit.codebooks``.
+    Group ``tarkit.codebooks``. Callers use :meth:`codebook`, which computes ``forward()`` once for inference and
+    reuses it until a parameter or buffer changes (the projection of 65,536 codes is otherwise redone per batch).
     """
+
+    def codebook(self) -> torch.Tensor:
+        """The codebook; cached outside training and autograd, invalidated when any weight changes."""
+        if self.training or torch.is_grad_enabled():
+            return self.forward()
+        # A tensor's _version counts its in-place updates (optimizer steps, load_state_dict, .copy_), so the
+        # key changes whenever the weights do; identity, device and dtype catch replaced or moved tensors.
+        key = tuple((id(t), t._version, t.device, t.dtype) for t in (*self.parameters(), *self.buffers()))
+        cached = self.__dict__.get("_codebook_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self.forward().detach())
+            self.__dict__["_codebook_cache"] = cached
+        return cached[1]
 
     @property
     @abstractmethod
@@ -77,6 +91,11 @@ class Quantizer(PretrainedMixin, nn.Module, ABC):
 
     @abstractmethod
     def forward(self, features: torch.Tensor, codebook: torch.Tensor) -> QuantizerOutput: ...
+
+    def lookup(self, indices: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+        """The vectors ``[..., D]`` that ``forward`` outputs for these code ``indices`` (override when the
+        quantizer transforms codes, e.g. l2-normalises them)."""
+        return codebook[indices]
 
 
 class DeTokenizer(PretrainedMixin, nn.Module, ABC):

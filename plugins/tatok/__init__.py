@@ -1,0 +1,1 @@
+"""TA-Tok training: the tokenizer LightningModule and the semantic teacher for the miniature."""
