@@ -7,6 +7,7 @@ registered short name (``class_path: learned``), its class name, or a full class
 from __future__ import annotations
 
 import contextvars
+import os
 import sys
 import warnings
 
@@ -80,6 +81,21 @@ def _lightning_cli(args: list[str] | None) -> None:
             parser = super().init_parser(**kwargs)  # keeps Lightning's --config and dump header
             parser.__class__ = TarkitArgumentParser
             return parser
+
+        def instantiate_classes(self) -> None:
+            # A constructor refusing its arguments (a bad value, a missing file) is the user's to fix: say
+            # what it said, on one line, instead of jsonargparse's nested report. TARKIT_DEBUG=1 shows all.
+            try:
+                super().instantiate_classes()
+            except (ValueError, TypeError, OSError) as err:
+                if os.environ.get("TARKIT_DEBUG"):
+                    raise
+                root = err
+                while root.__cause__ is not None or (root.__context__ is not None and not root.__suppress_context__):
+                    root = root.__cause__ or root.__context__
+                message = " ".join(str(root).split()) or type(root).__name__
+                print(f"tarkit: error: the recipe's parts could not be built: {message}", file=sys.stderr)
+                raise SystemExit(2) from None
 
     registry.load_all()
     install_part_resolver()

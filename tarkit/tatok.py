@@ -148,3 +148,71 @@ class TATok(PretrainedMixin, nn.Module):
         """Encode and reconstruct: ``(encoding, reconstructed features [B, n, C])``."""
         encoding = self.encode(images, scale)
         return encoding, self.decode_latent(encoding.latent)
+
+
+INPUT_TYPES = ("indices", "quant", "rec")
+
+
+class TextAlignedTokenizer(nn.Module):
+    """The reference implementation's API (csuhan/Tar ``TextAlignedTokenizer``) over a :class:`TATok`.
+
+    ``tok(images)["encoded"]`` is, by ``input_type``: ``"indices"`` the code ids ``[B, n]`` (what the LLM
+    reads), ``"quant"`` the quantized vectors ``[B, n, D]``, or ``"rec"`` the decoded teacher-like features
+    ``[B, n, C]``. Only ``"rec"`` runs the feature decoder.
+    """
+
+    def __init__(self, tatok: TATok, input_type: str = "quant", pool_scale: int = 1, teacher: nn.Module | None = None):
+        super().__init__()
+        if input_type not in INPUT_TYPES:
+            raise ValueError(f"input_type must be one of {', '.join(INPUT_TYPES)}, got {input_type!r}")
+        self.tatok, self.input_type, self.teacher = tatok, input_type, teacher
+        self.pool_scale = tatok.check_scale(pool_scale)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str,
+        load_teacher: bool = False,
+        input_type: str = "quant",
+        pool_scale: int = 1,
+        **official: Any,
+    ) -> TextAlignedTokenizer:
+        """A tarkit TA-Tok folder (``save_pretrained``) or the reference's ``ta_tok.pth`` (``official`` goes to
+        :func:`tarkit.official.load_official_tatok`); loaded in eval mode."""
+        from tarkit.official import load_official_tatok
+        from tarkit.paths import resolve_path
+
+        resolved = resolve_path(path)
+        teacher = None
+        if resolved.is_dir():
+            if load_teacher:
+                raise ValueError(f"{path} is a tarkit folder, which holds no separate teacher; use load_teacher=False")
+            tatok = TATok.from_pretrained(resolved)
+        else:
+            tatok, teacher = load_official_tatok(resolved, load_teacher=load_teacher, **official)
+        return cls(tatok, input_type, pool_scale, teacher).eval()
+
+    def encode(self, images: torch.Tensor, scale: int | None = None) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` in ``[0, 1]`` -> code indices ``[B, n]``."""
+        return self.tatok.tokenize(images, self.pool_scale if scale is None else scale)
+
+    def decode_features(self, indices: torch.Tensor) -> torch.Tensor:
+        """Code indices ``[B, n]`` -> teacher-like features ``[B, n, C]``."""
+        return self.tatok.decode_features(indices)
+
+    def forward(self, images: torch.Tensor, pool_scale: int | None = None) -> dict[str, Any]:
+        encoding = self.tatok.encode(images, self.pool_scale if pool_scale is None else pool_scale)
+        outputs = {
+            "bottleneck_rep": encoding.indices,
+            "regularized_z": encoding.quantized,
+            "pool_scale": encoding.scale,
+            "vq_loss": encoding.loss,
+            **encoding.metrics,
+        }
+        if self.input_type == "indices":
+            outputs["encoded"] = encoding.indices
+        elif self.input_type == "quant":
+            outputs["encoded"] = encoding.quantized
+        else:
+            outputs["encoded"] = self.tatok.decode_latent(encoding.latent)
+        return outputs

@@ -129,4 +129,4 @@ def test_unknown_part_names_group_and_available(recipe, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0
-    assert "unknown part 'lerned' for tarkit.codebooks (available: learned)" in err
+    assert "unknown part 'lerned' for tarkit.codebooks (available: learned, " in err

