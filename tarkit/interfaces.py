@@ -117,29 +117,51 @@ class DeTokenizer(PretrainedMixin, nn.Module, ABC):
 
 
 class LanguageModel(PretrainedMixin, nn.Module, ABC):
-    """A causal language model and its tokenizer, whose vocabulary tarkit expands with image tokens.
+    """A causal language model and its tokenizer, whose vocabulary tarkit expands with image words.
 
-    Group ``tarkit.lms``.
+    Group ``tarkit.lms``. ``model`` is the underlying Hugging Face causal LM (generation drives it directly).
     """
+
+    model: nn.Module
 
     @property
     @abstractmethod
     def tokenizer(self) -> Any:
         """A Hugging Face tokenizer matching the model's vocabulary."""
 
+    @property
+    @abstractmethod
+    def vocab(self) -> Any:
+        """The :class:`tarkit.vocab.ImageVocabulary`; a clear error if the LM has no image words."""
+
+    @abstractmethod
+    def ensure_image_vocabulary(self, num_codes: int, num_scales: int = 3, codebook: torch.Tensor | None = None) -> Any:
+        """Expand the vocabulary with image and scale words (or check it has exactly these); returns ``vocab``."""
+
     @abstractmethod
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token logits ``[B, T, V]``."""
 
+    @abstractmethod
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states ``[B, T, H]``; ``output_head`` maps them to logits."""
+
+    @property
+    @abstractmethod
+    def output_head(self) -> nn.Module:
+        """The output projection (``weight [V, H]``)."""
+
 
 class TaskFormatter(ABC):
-    """Turns a data sample (image tokens, text, task fields) into LM input ids and loss labels.
+    """Turns one sample (texts plus the TA-Tok codes of its images) into LM input ids and loss labels.
 
-    Group ``tarkit.tasks`` (i2t, t2i, i2i, ti2i, text-only).
+    Group ``tarkit.tasks`` (i2t, t2i, i2i, ti2i). ``sample`` has ``text``, ``answer``, ``input_codes`` and
+    ``target_codes`` (``[n]`` code indices or None) and ``scale_index`` (the ``k`` of ``<S{k}>``);
+    ``vocab`` is the :class:`tarkit.vocab.ImageVocabulary` of the expanded tokenizer.
     """
 
     name: str
 
     @abstractmethod
-    def format(self, sample: dict[str, Any], tokenizer: Any) -> dict[str, torch.Tensor]:
-        """``{"input_ids": [T], "labels": [T]}`` with labels ``-100`` outside the supervised span."""
+    def format(self, sample: dict[str, Any], tokenizer: Any, vocab: Any) -> dict[str, torch.Tensor]:
+        """``{"input_ids": [T], "labels": [T]}`` with labels ``-100`` outside the supervised assistant turn."""

@@ -1,0 +1,1 @@
+"""The unified LM: mixed-task next-token training over the expanded vocabulary."""

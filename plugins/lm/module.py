@@ -1,0 +1,214 @@
+"""``UnifiedLMModule``: Tar's LM training, plain next-token prediction over text and image words."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from safetensors.torch import load_file, save_file
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+from tarkit.interfaces import LanguageModel
+from tarkit.optim import adamw_warmup_cosine
+from tarkit.prompts import IGNORE_INDEX
+from tarkit.registry import registry
+from tarkit.tatok import TATok
+
+
+class CodeCache:
+    """TA-Tok codes memoised by image content and scale, optionally persisted as safetensors in a folder, so a
+    dataset is tokenized once however many epochs and runs use it (the TA-Tok is frozen)."""
+
+    def __init__(self, folder: str | None):
+        self.folder = Path(folder) if folder else None
+        self.codes: dict[str, torch.Tensor] = {}
+        if self.folder and (self.folder / "codes.safetensors").is_file():
+            self.codes = load_file(str(self.folder / "codes.safetensors"))
+        self.dirty = False
+
+    @staticmethod
+    def key(image: torch.Tensor, scale: int) -> str:
+        digest = hashlib.sha1(image.detach().to(torch.float32).cpu().numpy().tobytes()).hexdigest()
+        return f"{digest}_s{scale}"
+
+    def encode(self, tatok: TATok, images: torch.Tensor, scale: int) -> torch.Tensor:
+        keys = [self.key(image, scale) for image in images]
+        todo = [i for i, k in enumerate(keys) if k not in self.codes]
+        if todo:
+            fresh = tatok.tokenize(images[todo], scale).cpu()
+            for i, codes in zip(todo, fresh, strict=True):
+                self.codes[keys[i]] = codes
+            self.dirty = True
+        return torch.stack([self.codes[k] for k in keys]).to(images.device)
+
+    def save(self) -> None:
+        if self.folder and self.dirty:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            save_file(self.codes, str(self.folder / "codes.safetensors"))
+            self.dirty = False
+
+
+def pad_examples(examples: list[dict[str, torch.Tensor]], pad_id: int, max_length: int) -> dict[str, torch.Tensor]:
+    """Right-pad ``input_ids``/``labels`` to one length (truncating at ``max_length``) with an attention mask."""
+    length = min(max(len(e["input_ids"]) for e in examples), max_length)
+    batch = {
+        "input_ids": torch.full((len(examples), length), pad_id),
+        "labels": torch.full((len(examples), length), IGNORE_INDEX),
+        "attention_mask": torch.zeros(len(examples), length, dtype=torch.long),
+    }
+    for row, example in enumerate(examples):
+        n = min(len(example["input_ids"]), length)
+        batch["input_ids"][row, :n] = example["input_ids"][:n]
+        batch["labels"][row, :n] = example["labels"][:n]
+        batch["attention_mask"][row, :n] = 1
+    return batch
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, chunk_size: int = 512
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token cross-entropy and argmax-correctness of ``head(hidden)`` without materialising all logits:
+    chunks of rows, each recomputed in backward (activation checkpointing), so memory is O(chunk x vocab)."""
+
+    def chunk_loss(h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = head(h).float()
+        return F.cross_entropy(logits, t, reduction="none"), logits.argmax(-1) == t
+
+    losses, correct = [], []
+    for start in range(0, len(targets), chunk_size):
+        h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        loss, hit = checkpoint(chunk_loss, h, t, use_reentrant=False) if torch.is_grad_enabled() else chunk_loss(h, t)
+        losses.append(loss)
+        correct.append(hit)
+    if not losses:
+        raise ValueError("batch has no supervised tokens; check the task formatters and max_length")
+    return torch.cat(losses), torch.cat(correct)
+
+
+class UnifiedLMModule(LightningModule):
+    """Trains a causal LM on mixed tasks over TA-Tok codes (group ``tarkit.modules``).
+
+    The TA-Tok is frozen; every batch draws one pool scale from ``train_scales`` (paper ``[1, 1, 2, 3]``), its
+    images are tokenized (cached with ``code_cache_dir``), each sample is formatted by its task's formatter
+    (``tarkit.tasks``) and the loss is next-token cross-entropy on the assistant turns. Per-task loss and
+    token accuracy are logged. At the end of fit the LM is saved as a Hugging Face folder.
+
+    Args:
+        lm: the language model (``tarkit.lms``); its vocabulary is expanded with the TA-Tok's codes and scales
+            unless it already has them.
+        tatok: a TA-Tok folder (``TATok.save_pretrained``).
+        train_scales: pool scales drawn per batch.
+        init_from_codebook: initialise image-token input rows from the TA-Tok codebook when widths match.
+        max_length: longest training sequence (tokens).
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up steps, then cosine decay.
+        code_cache_dir: folder to persist TA-Tok codes of seen images (None: in memory only).
+        export_dir: where the trained LM (+ tokenizer) is saved at the end of fit.
+        seed: seeds the per-batch scale draw.
+    """
+
+    def __init__(
+        self,
+        lm: LanguageModel,
+        tatok: str,
+        train_scales: list[int] | None = None,
+        init_from_codebook: bool = True,
+        max_length: int = 512,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 50,
+        code_cache_dir: str | None = None,
+        export_dir: str | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["lm"])
+        self.tatok = TATok.from_pretrained(tatok).requires_grad_(False).eval()
+        self.lm = lm
+        codebook = self.tatok.codebook.codebook().detach() if init_from_codebook else None
+        self.vocab = lm.ensure_image_vocabulary(self.tatok.num_codes, len(self.tatok.pool_scales), codebook)
+        self.train_scales = list(train_scales or [1, 1, 2, 3])
+        for scale in self.train_scales:
+            self.tatok.check_scale(scale)
+        self.formatters = {name: cls() for name, cls in registry.load_group("tarkit.tasks").items()}
+        self.cache = CodeCache(code_cache_dir)
+        self.scale_rng = random.Random(seed)
+
+    def train(self, mode: bool = True) -> UnifiedLMModule:
+        super().train(mode)
+        self.tatok.eval()  # frozen tokenizer: no dropout, deterministic codes
+        return self
+
+    def examples(self, batch: dict[str, Any], scale: int) -> list[dict[str, torch.Tensor]]:
+        """Format every sample of a tarkit sample batch at ``scale``."""
+        scale_index = self.tatok.pool_scales.index(scale)
+        codes = {}
+        for key in ("input_image", "target_image"):
+            present = batch[f"has_{key}"]
+            if present.any():
+                codes[key] = dict(
+                    zip(
+                        present.nonzero().flatten().tolist(),
+                        self.cache.encode(self.tatok, batch[key][present], scale),
+                        strict=True,
+                    )
+                )
+        out = []
+        for i, task in enumerate(batch["task"]):
+            if task not in self.formatters:
+                raise ValueError(f"no task formatter for {task!r}; installed: {sorted(self.formatters)}")
+            sample = {
+                "task": task,
+                "text": batch["text"][i],
+                "answer": batch["answer"][i],
+                "input_codes": codes.get("input_image", {}).get(i),
+                "target_codes": codes.get("target_image", {}).get(i),
+                "scale_index": scale_index,
+            }
+            out.append(self.formatters[task].format(sample, self.lm.tokenizer, self.vocab))
+        return out
+
+    def shared_step(self, batch: dict[str, Any], scale: int, stage: str) -> torch.Tensor:
+        padded = pad_examples(self.examples(batch, scale), self.lm.tokenizer.pad_token_id, self.hparams.max_length)
+        padded = {k: v.to(self.device) for k, v in padded.items()}
+        hidden = self.lm.hidden_states(padded["input_ids"], padded["attention_mask"])
+        labels = padded["labels"][:, 1:]
+        supervised = labels != IGNORE_INDEX
+        # Only supervised positions reach the output head: the expanded vocabulary has ~152k-217k rows.
+        token_loss, correct = chunked_cross_entropy(hidden[:, :-1][supervised], self.lm.output_head, labels[supervised])
+        loss = token_loss.mean()
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=len(labels))
+        row_task = [batch["task"][row] for row in supervised.nonzero()[:, 0].tolist()]
+        for task in sorted(set(batch["task"])):
+            mask = torch.tensor([t == task for t in row_task], device=self.device)
+            rows = sum(t == task for t in batch["task"])
+            if mask.any():
+                self.log(f"{stage}/loss_{task}", token_loss[mask].mean(), batch_size=rows)
+                self.log(f"{stage}/acc_{task}", correct[mask].float().mean(), batch_size=rows)
+        return loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self.shared_step(batch, self.scale_rng.choice(self.train_scales), "train")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.shared_step(batch, self.tatok.pool_scales[0], "val")
+
+    def on_train_epoch_end(self) -> None:
+        self.cache.save()
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        return adamw_warmup_cosine(
+            self.lm, hp.lr, hp.weight_decay, hp.warmup_steps, self.trainer.estimated_stepping_batches
+        )
+
+    def on_fit_end(self) -> None:
+        self.cache.save()
+        if self.hparams.export_dir and self.trainer.is_global_zero:
+            self.lm.save_pretrained(self.hparams.export_dir)

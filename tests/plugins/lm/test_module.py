@@ -1,0 +1,77 @@
+"""The unified LM trains under `tarkit fit`, exports a Tar HF folder, and the pipelines run on it."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, Qwen2ForCausalLM
+
+from tarkit.cli import main
+from tarkit.pipelines import ImageToText, TextToImage
+from tarkit.prompts import IGNORE_INDEX
+from tarkit.tatok import TATok
+from tarkit.vocab import VocabularyError
+from tarkit_plugins.codebooks import LearnedCodebook
+from tarkit_plugins.encoders import SigLIP2Encoder
+from tarkit_plugins.lms import HFCausalLM
+from tarkit_plugins.quantizers import SimVQ
+from tarkit_plugins.tasks import ImageToText as I2TTask
+from tarkit_plugins.tasks import TextToImage as T2ITask
+
+ROOT = Path(__file__).resolve().parents[3]
+DECODER = {"num_attention_heads": 4, "intermediate_size": 64, "num_patches": 144, "vision_use_head": False}
+
+
+@pytest.fixture(scope="module")
+def tatok_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    tatok = TATok(SigLIP2Encoder(preset="tiny"), LearnedCodebook(num_codes=32, dim=16), SimVQ(), decoder_depth=1,
+                  decoder_config=DECODER)
+    return tatok.save_pretrained(tmp_path_factory.mktemp("tatok"))
+
+
+@pytest.fixture(scope="module")
+def tar_dir(tatok_dir, tmp_path_factory):
+    """A tiny Tar LM folder written by `tarkit fit` on the tiny recipe."""
+    out = tmp_path_factory.mktemp("lm")
+    main(["fit", "--config", str(ROOT / "recipes/tiny/lm.yaml"), "--trainer.fast_dev_run=1",
+          f"--model.init_args.tatok={tatok_dir}", f"--model.init_args.export_dir={out}",
+          "--data.init_args.train_size=8", "--data.init_args.val_size=4", "--data.init_args.batch_size=8",
+          f"--trainer.default_root_dir={out / 'run'}"])
+    return out
+
+
+def test_fit_exports_a_folder_plain_transformers_loads(tar_dir):
+    model = Qwen2ForCausalLM.from_pretrained(tar_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tar_dir)
+    assert tokenizer.convert_tokens_to_ids("<I31>") == tokenizer.convert_tokens_to_ids("<I0>") + 31
+    assert model.get_input_embeddings().weight.shape[0] >= tokenizer.convert_tokens_to_ids("<I31>") + 1
+
+
+def test_pipelines_run_on_the_exported_folder(tar_dir, tatok_dir):
+    t2i = TextToImage(str(tar_dir), str(tatok_dir), scale=2, cfg_scale=3.0)
+    codes = t2i.generate_image("a photo of a red circle", generator=torch.Generator().manual_seed(0))
+    assert codes.shape == (36,) and 0 <= codes.min() and codes.max() < 32
+    i2t = ImageToText(str(tar_dir), str(tatok_dir))
+    answer = i2t.generate(torch.rand(3, 64, 64), "Is there a red circle in the image?", max_new_tokens=5)
+    assert isinstance(answer, str)
+
+
+def test_a_folder_without_image_tokens_is_a_clear_error(tmp_path, tatok_dir):
+    HFCausalLM(preset="tiny", tokenizer="bytes").save_pretrained(tmp_path / "plain")
+    with pytest.raises(VocabularyError, match="has no <im_start>"):
+        ImageToText(str(tmp_path / "plain"), str(tatok_dir))
+
+
+def test_task_formatters_supervise_only_the_assistant_turn():
+    lm = HFCausalLM(preset="tiny", tokenizer="bytes", num_codes=10, num_scales=3)
+    vocab, tokenizer = lm.vocab, lm.tokenizer
+    codes = torch.tensor([3, 1, 4, 1])
+    i2t = I2TTask().format({"text": "What?", "answer": "Yes.", "input_codes": codes}, tokenizer, vocab)
+    supervised = i2t["input_ids"][i2t["labels"] != IGNORE_INDEX]
+    assert tokenizer.decode(supervised).startswith("Yes.")
+    assert vocab.is_image(i2t["input_ids"]).sum() == 4 and not vocab.is_image(supervised).any()
+    t2i = T2ITask().format({"text": "a circle", "target_codes": codes, "scale_index": 2}, tokenizer, vocab)
+    target = t2i["input_ids"][t2i["labels"] != IGNORE_INDEX]
+    assert target[:2].tolist() == [vocab.im_start, vocab.scale_ids[2]]
+    assert torch.equal(vocab.ids_to_codes(target[2:6]), codes) and target[6] == vocab.im_end
