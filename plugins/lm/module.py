@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
+from tarkit.data import write_jsonl
 from tarkit.interfaces import LanguageModel
 from tarkit.optim import adamw_warmup_cosine
 from tarkit.prompts import IGNORE_INDEX
@@ -110,7 +112,11 @@ class UnifiedLMModule(LightningModule):
         warmup_steps: linear warm-up steps, then cosine decay.
         code_cache_dir: folder to persist TA-Tok codes of seen images (None: in memory only).
         export_dir: where the trained LM (+ tokenizer) is saved at the end of fit.
-        seed: seeds the per-batch scale draw.
+        predict_dir: where ``predict`` writes: ``answers.jsonl`` for questions, GenEval's folder layout for
+            prompts (each prompt's TA-Tok codes in ``<00000>/codes.json`` until a de-tokenizer is attached).
+        predict_scale: pool scale of generated images.
+        cfg_scale: classifier-free guidance for generated images (1: unguided, the reference's default).
+        seed: seeds the per-batch scale draw and generation.
     """
 
     def __init__(
@@ -125,6 +131,9 @@ class UnifiedLMModule(LightningModule):
         warmup_steps: int = 50,
         code_cache_dir: str | None = None,
         export_dir: str | None = None,
+        predict_dir: str = "outputs/lm_predict",
+        predict_scale: int = 1,
+        cfg_scale: float = 1.0,
         seed: int = 0,
     ):
         super().__init__()
@@ -198,6 +207,38 @@ class UnifiedLMModule(LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.shared_step(batch, self.tatok.pool_scales[0], "val")
+
+    def on_predict_epoch_start(self) -> None:
+        self.tatok.check_scale(self.hparams.predict_scale)
+        self._answers: list[dict[str, str]] = []
+        self._generator = torch.Generator().manual_seed(self.hparams.seed)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Answers questions (``kind`` i2t) or generates images' codes for prompts (``kind`` t2i)."""
+        from tarkit.evaluation import write_geneval_sample
+        from tarkit.pipelines import ImageToText, TextToImage
+
+        out = Path(self.hparams.predict_dir)
+        for kind in sorted(set(batch["kind"])):
+            rows = [i for i, k in enumerate(batch["kind"]) if k == kind]
+            texts = [batch["text"][i] for i in rows]
+            if kind == "i2t":
+                answers = ImageToText(self.lm, self.tatok).generate_batch(batch["image"][rows], texts)
+                self._answers += [
+                    {"question_id": batch["id"][i], "text": a} for i, a in zip(rows, answers, strict=True)
+                ]
+                continue
+            pipeline = TextToImage(self.lm, self.tatok, self.hparams.predict_scale, self.hparams.cfg_scale)
+            codes = pipeline.generate_codes(texts, self._generator)
+            for i, image_codes in zip(rows, codes, strict=True):
+                folder = write_geneval_sample(out, int(batch["id"][i]), json.loads(batch["record"][i]), [])
+                (folder / "codes.json").write_text(
+                    json.dumps({"scale": self.hparams.predict_scale, "codes": image_codes.tolist()}) + "\n"
+                )
+
+    def on_predict_epoch_end(self) -> None:
+        if self._answers:
+            write_jsonl(Path(self.hparams.predict_dir) / "answers.jsonl", self._answers)
 
     def on_train_epoch_end(self) -> None:
         self.cache.save()

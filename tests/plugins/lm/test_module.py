@@ -75,3 +75,25 @@ def test_task_formatters_supervise_only_the_assistant_turn():
     target = t2i["input_ids"][t2i["labels"] != IGNORE_INDEX]
     assert target[:2].tolist() == [vocab.im_start, vocab.scale_ids[2]]
     assert torch.equal(vocab.ids_to_codes(target[2:6]), codes) and target[6] == vocab.im_end
+
+
+def test_predict_answers_questions_and_writes_geneval_layout(tar_dir, tatok_dir, tmp_path):
+    import json
+
+    renders = tmp_path / "renders"
+    main(["shapesworld", "render", "--num", "3", "--out", str(renders)])
+    main(["shapesworld", "prompts", "--num", "2", "--out", str(tmp_path / "prompts.jsonl")])
+    common = ["predict", "--config", str(ROOT / "recipes/tiny/lm.yaml"), f"--model.init_args.tatok={tatok_dir}",
+              f"--model.init_args.lm.init_args.pretrained={tar_dir}", "--model.init_args.predict_scale=3",
+              f"--trainer.default_root_dir={tmp_path / 'run'}", "--data=prompts"]
+    main([*common, f"--data.init_args.path={renders / 'pope_questions.jsonl'}",
+          f"--model.init_args.predict_dir={tmp_path / 'answers'}"])
+    answers = [json.loads(line) for line in (tmp_path / "answers" / "answers.jsonl").read_text().splitlines()]
+    assert [a["question_id"] for a in answers][:2] == ["00000-0", "00000-1"] and len(answers) == 12
+    main([*common, f"--data.init_args.path={tmp_path / 'prompts.jsonl'}",
+          f"--model.init_args.predict_dir={tmp_path / 'geneval'}"])
+    for index in range(2):
+        folder = tmp_path / "geneval" / f"{index:05d}"
+        assert json.loads((folder / "metadata.jsonl").read_text())["tag"]
+        codes = json.loads((folder / "codes.json").read_text())
+        assert codes["scale"] == 3 and len(codes["codes"]) == 16
