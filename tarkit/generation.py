@@ -1,0 +1,309 @@
+"""Sampling from any Hugging Face causal LM: constrained image-token generation (T2I, with CFG) and text answers.
+
+    prompt (left-padded, ends where the assistant turn begins) + ``<im_start><S{k}>`` (teacher-forced)
+        -> N steps: last hidden state @ lm_head.weight[image rows].T -> (CFG) -> top-k / top-p sample
+        -> feed the image token back through the KV cache -> codes [B, N]
+
+What is assumed of ``model`` (a ``transformers`` ``PreTrainedModel`` causal LM, e.g. ``Qwen2ForCausalLM``):
+
+* ``model.base_model`` is the decoder stack: called with ``input_ids``, a 2D ``attention_mask`` (1 = real
+  token) covering past + new tokens, ``position_ids``, ``use_cache=True`` and the cache from its previous
+  output (keyword ``cache``, or ``past_key_values`` on older releases), it returns ``last_hidden_state`` (after
+  the final norm) and the updated cache.
+* ``model.get_output_embeddings()`` is a linear head (``weight [V, H]``, optional ``bias``) and the model's
+  logits are exactly ``head(last_hidden_state)``: no logit scaling or soft-capping after it (Qwen2, Llama and
+  Mistral qualify; Gemma2's soft-capping would not be reproduced).
+* The caller puts the model in ``eval()`` mode; nothing here changes its mode or needs gradients.
+
+Restricting the head to the image rows is what makes the image span cheap: a Qwen2.5 head over ~217k tokens is
+a ``[H, 217k]`` matmul per step, the 65,536 image rows a contiguous view of 30% of it, and tokens outside the
+span can then never be sampled at all (no mask over the text vocabulary needed).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from tarkit.vocab import ImageVocabulary
+
+__all__ = ["generate_image_codes", "generate_text", "sample_next"]
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick one index per row of ``logits [B, V]``: greedy when ``temperature == 0``, else top-k, top-p, sample.
+
+    Top-k keeps the ``k`` largest logits; top-p then keeps the smallest prefix of those (sorted by probability)
+    whose mass reaches ``top_p`` (the most likely candidate always survives). Sampling draws one
+    ``torch.multinomial`` per call from ``generator``, so equal logits and equal generator states give equal
+    picks. Greedy ignores ``top_k``/``top_p`` and draws nothing from the generator. Returns int64 ``[B]``.
+    """
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
+    _check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+
+    logits = logits.float() / temperature
+    if top_k is None and (top_p is None or top_p == 1):
+        return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+    # Work on the sorted candidates only: with the reference's top_k=1200 of 65,536 image tokens, top-p then
+    # sorts 1,200 values per row instead of the whole row.
+    if top_k is not None and top_k < logits.shape[-1]:
+        values, indices = logits.topk(top_k, dim=-1)
+    else:
+        values, indices = logits.sort(dim=-1, descending=True)
+    if top_p is not None and top_p < 1:
+        probs = values.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely candidates
+        values = values.masked_fill(mass_before >= top_p, float("-inf"))  # column 0 has mass_before 0: kept
+    choice = torch.multinomial(values.softmax(dim=-1), 1, generator=generator)
+    return indices.gather(-1, choice).squeeze(-1)
+
+
+def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be None or in (0, 1], got {top_p}")
+
+
+@torch.no_grad()
+def generate_image_codes(
+    model: nn.Module,
+    vocab: ImageVocabulary,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    num_tokens: int,
+    scale_index: int,
+    cfg_scale: float = 1.0,
+    uncond_input_ids: torch.Tensor | None = None,
+    uncond_attention_mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = 1200,
+    top_p: float | None = 0.95,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Generate exactly ``num_tokens`` image tokens per prompt and return them as TA-Tok codes ``[B, num_tokens]``.
+
+    Args:
+        model: a Hugging Face causal LM with tarkit's image vocabulary (see the module docstring).
+        vocab: the ids of ``<im_start>``, the scale tokens and the image tokens in ``model``'s vocabulary.
+        input_ids, attention_mask: ``[B, T]`` left-padded prompts that end where the assistant turn begins;
+            ``<im_start><S{scale_index}>`` is appended here.
+        num_tokens: image tokens to generate (729/169/81 at scales 1/2/3 in the reference).
+        scale_index: ``k`` of the ``<S{k}>`` token that opens the image.
+        cfg_scale: classifier-free guidance; ``uncond + cfg_scale * (cond - uncond)`` over the image logits.
+            At 1.0 the unconditional prompt is not run at all, so the result equals unguided sampling.
+        uncond_input_ids, uncond_attention_mask: ``[B or 1, T']`` left-padded unconditional prompts (the chat with
+            an empty user prompt); required when ``cfg_scale != 1``. Any length: both batches are left-padded to
+            a common length and run as one batch of ``2B`` rows.
+        temperature, top_k, top_p, generator: sampling, see :func:`sample_next` (reference: 1.0, 1200, 0.95).
+
+    The image span admits only image tokens: logits are computed for the image rows of the output head alone,
+    so every step yields a valid code whatever the model prefers. ``<im_end>`` is not generated (the caller knows
+    the span ends after ``num_tokens``). Returns int64 codes in ``[0, vocab.num_codes)`` on the head's device.
+    """
+    _check_prompts(input_ids, attention_mask, "input_ids", "attention_mask")
+    if num_tokens < 1:
+        raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+    if not 0 <= scale_index < vocab.num_scales:
+        raise ValueError(f"scale_index must be in [0, {vocab.num_scales}), got {scale_index}")
+    if not math.isfinite(cfg_scale):
+        raise ValueError(f"cfg_scale must be finite, got {cfg_scale}")
+    if (uncond_input_ids is None) != (uncond_attention_mask is None):
+        raise ValueError("pass both uncond_input_ids and uncond_attention_mask, or neither")
+    if cfg_scale != 1 and uncond_input_ids is None:
+        raise ValueError(f"cfg_scale={cfg_scale} needs the unconditional prompt (uncond_input_ids/_attention_mask)")
+    _check_sampling(temperature, top_k, top_p)
+
+    weight, bias = _output_head(model)
+    rows = slice(vocab.image_start, vocab.image_end)
+    if vocab.image_end > weight.shape[0]:
+        raise ValueError(f"the model's head has {weight.shape[0]} rows, the image tokens end at {vocab.image_end}")
+    batch, device = input_ids.shape[0], weight.device
+    opening = torch.tensor([vocab.im_start, vocab.scale_ids[scale_index]], device=device)
+
+    ids, mask = _append(input_ids.to(device), attention_mask.to(device), opening)
+    guided = cfg_scale != 1
+    if guided:
+        _check_prompts(uncond_input_ids, uncond_attention_mask, "uncond_input_ids", "uncond_attention_mask")
+        if uncond_input_ids.shape[0] not in (1, batch):
+            raise ValueError(f"uncond_input_ids has batch {uncond_input_ids.shape[0]}, expected 1 or {batch}")
+        u_ids, u_mask = _append(uncond_input_ids.to(device), uncond_attention_mask.to(device), opening)
+        u_ids, u_mask = u_ids.expand(batch, -1), u_mask.expand(batch, -1)
+        length = max(ids.shape[1], u_ids.shape[1])
+        # One forward of 2B rows per step: rows [0, B) are conditional, rows [B, 2B) unconditional.
+        ids = torch.cat([_left_pad(ids, length), _left_pad(u_ids, length)])
+        mask = torch.cat([_left_pad(mask, length), _left_pad(u_mask, length)])
+
+    decoder = _CachedDecoder(model, mask)
+    hidden = decoder.prefill(ids)
+    picked = []
+    for step in range(num_tokens):
+        logits = F.linear(hidden, weight[rows], None if bias is None else bias[rows]).float()  # [R, K]
+        if guided:
+            cond, uncond = logits[:batch], logits[batch:]
+            logits = uncond + cfg_scale * (cond - uncond)
+        # The same [B, K] sampling call with or without guidance: the generator advances identically.
+        token = sample_next(logits, temperature, top_k, top_p, generator) + vocab.image_start
+        picked.append(token)
+        if step + 1 < num_tokens:  # the last token's hidden state is never needed
+            hidden = decoder.step(token.repeat(2) if guided else token)  # one token feeds both halves
+    return vocab.ids_to_codes(torch.stack(picked, dim=1))
+
+
+@torch.no_grad()
+def generate_text(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_ids: list[int],
+    banned_token_ids: tuple[int, int] | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """Continue left-padded prompts ``[B, T]``; return each row's new token ids, ending at its first eos.
+
+    A row stops at the first token in ``eos_token_ids`` (included in its list, as ``transformers``'s
+    ``generate`` does) or after ``max_new_tokens``; generation ends when every row has stopped.
+    ``banned_token_ids = (start, end)`` forbids the ids in ``[start, end)``, e.g. the image tokens when
+    answering a question. Greedy by default; the sampling arguments are those of :func:`sample_next`.
+    """
+    _check_prompts(input_ids, attention_mask, "input_ids", "attention_mask")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    _check_sampling(temperature, top_k, top_p)
+    weight, bias = _output_head(model)
+    vocab_size = weight.shape[0]
+    if banned_token_ids is not None:
+        start, end = banned_token_ids
+        if not 0 <= start < end <= vocab_size or end - start == vocab_size:
+            raise ValueError(
+                f"banned_token_ids must be a non-empty [start, end) inside [0, {vocab_size}) "
+                f"that leaves some token allowed, got {banned_token_ids}"
+            )
+        if any(start <= eos < end for eos in eos_token_ids):
+            raise ValueError(f"an eos token id {eos_token_ids} lies in banned_token_ids {banned_token_ids}")
+
+    batch, device = input_ids.shape[0], weight.device
+    new_tokens: list[list[int]] = [[] for _ in range(batch)]
+    if max_new_tokens == 0:
+        return new_tokens
+    eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    decoder = _CachedDecoder(model, attention_mask.to(device))
+    hidden = decoder.prefill(input_ids.to(device))
+    for step in range(max_new_tokens):
+        logits = F.linear(hidden, weight, bias).float()  # [B, V], the last position only
+        if banned_token_ids is not None:
+            logits[:, banned_token_ids[0] : banned_token_ids[1]] = float("-inf")
+        token = sample_next(logits, temperature, top_k, top_p, generator)
+        for row, (value, done) in enumerate(zip(token.tolist(), finished.tolist(), strict=True)):
+            if not done:
+                new_tokens[row].append(value)
+        finished |= torch.isin(token, eos)
+        if bool(finished.all()) or step + 1 == max_new_tokens:
+            break
+        # Finished rows keep decoding (their tokens are dropped): the batch stays rectangular.
+        hidden = decoder.step(token)
+    return new_tokens
+
+
+class _CachedDecoder:
+    """The base model run incrementally over a KV cache, with positions that ignore left padding.
+
+    A left-padded row's first real token sits at position 0, as it would alone: prefill positions are
+    ``cumsum(mask) - 1`` (pads clamped to 0; they are masked out anyway), and each later token takes its row's
+    next position, so the rotary phases of a row do not depend on how much padding the batch gave it. The 2D
+    mask grows by one column of ones per step; the model turns it into the causal + padding mask.
+    """
+
+    def __init__(self, model: nn.Module, attention_mask: torch.Tensor) -> None:
+        self.base = _base_model(model)
+        self.cache_kwarg = _cache_keyword(self.base)
+        self.mask = attention_mask.long()
+        self.next_position = self.mask.sum(dim=-1)  # [R]: real tokens seen so far
+        self.cache: Any = None
+
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Run the whole prompt; return the last position's hidden state ``[R, H]``."""
+        positions = (self.mask.cumsum(dim=-1) - 1).clamp(min=0)
+        return self._forward(input_ids, positions)
+
+    def step(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Append one token per row (``[R]``); return its hidden state ``[R, H]``."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+        positions = self.next_position.unsqueeze(1)
+        self.next_position = self.next_position + 1
+        return self._forward(token_ids.unsqueeze(1), positions)
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        output = self.base(
+            input_ids=input_ids,
+            attention_mask=self.mask,
+            position_ids=positions,
+            use_cache=True,
+            **{self.cache_kwarg: self.cache},
+        )
+        self.cache = output[self.cache_kwarg]
+        return output.last_hidden_state[:, -1]
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The decoder stack under the LM head (``Qwen2ForCausalLM.model``)."""
+    base = getattr(model, "base_model", None)
+    if base is None or base is model:
+        raise ValueError(f"{type(model).__name__} has no base_model under its LM head: pass a *ForCausalLM model")
+    return base
+
+
+def _output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``weight [V, H]`` and ``bias [V]`` (or None) of the LM head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"{type(model).__name__}.get_output_embeddings() is not an nn.Linear head: {type(head)}")
+    return head.weight, head.bias
+
+
+def _cache_keyword(base: nn.Module) -> str:
+    """transformers 5 renamed the KV cache argument ``past_key_values`` to ``cache``; accept either."""
+    parameters = inspect.signature(base.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def _check_prompts(input_ids: Any, attention_mask: Any, ids_name: str, mask_name: str) -> None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"{ids_name} must be a non-empty [batch, length] tensor")
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"{mask_name} must have the shape of {ids_name} {tuple(input_ids.shape)}")
+    if not bool((attention_mask[:, -1] != 0).all()):
+        raise ValueError(f"prompts must be left-padded: the last column of {mask_name} has padding")
+
+
+def _append(ids: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append the same real ``tokens`` to every row of a left-padded batch."""
+    tail = tokens.to(ids.dtype).expand(ids.shape[0], -1)
+    return torch.cat([ids, tail], dim=1), torch.cat([mask, torch.ones_like(tail, dtype=mask.dtype)], dim=1)
+
+
+def _left_pad(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    """Left-pad ``[R, T]`` with zeros to ``[R, length]``: id 0 under mask 0 is never attended to."""
+    return F.pad(tensor, (length - tensor.shape[1], 0), value=0)
