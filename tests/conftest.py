@@ -9,3 +9,11 @@ def fresh_registry():
     registry.clear()
     yield
     registry.clear()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def tarkit_cache(tmp_path_factory):
+    """tarkit's cache (the converted qwen2 tokenizer) lives in a temp folder for the session, never in ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TARKIT_CACHE", str(tmp_path_factory.mktemp("tarkit_cache")))
+        yield

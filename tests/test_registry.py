@@ -7,11 +7,15 @@ from tarkit.interfaces import CodebookProjection
 from tarkit.registry import DISABLE_AUTOLOAD_ENV, GROUPS, Registry, TarkitPluginWarning, UnknownPartError
 from tarkit_plugins.codebooks import LearnedCodebook
 
+REAL_ENTRY_POINTS = importlib.metadata.entry_points
+
 
 def fake_entry_points(table):
     """`table`: group -> [(name, target, distribution)]; mimics importlib.metadata.entry_points(group=...)."""
 
-    def entry_points(group):
+    def entry_points(group=None, **selection):
+        if group is None:  # another library (triton, imported lazily by torch) lists its own groups
+            return REAL_ENTRY_POINTS(**selection)
         return [
             SimpleNamespace(name=name, value=target, dist=SimpleNamespace(name=dist))
             for name, target, dist in table.get(group, [])

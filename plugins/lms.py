@@ -1,0 +1,217 @@
+"""Language models (group ``tarkit.lms``): any Hugging Face causal LM with its tokenizer and Tar's image words.
+
+A Tar LM is saved exactly as the reference publishes Tar-1.5B: a Hugging Face causal LM folder whose tokenizer
+holds the added image words, so ``Qwen2ForCausalLM.from_pretrained(folder)`` and
+``AutoTokenizer.from_pretrained(folder)`` load it without tarkit.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Self
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.utils import logging as hf_logging
+
+from tarkit.interfaces import LanguageModel
+from tarkit.paths import resolve_path
+from tarkit.pretrained import PretrainedLoadError, resolve_pretrained_dir
+from tarkit.tokenizers import QWEN2, TOKENIZER_FILES, load_tokenizer
+from tarkit.vocab import IM_START, ImageVocabulary
+from tarkit.vocab_expansion import check_vocabulary, expand_vocabulary
+
+LM_PRESETS: dict[str, dict[str, Any]] = {
+    # CPU miniature. The vocabulary (set from the tokenizer) dominates: tied embeddings keep one matrix of it.
+    "tiny": {
+        "hidden_size": 128,
+        "intermediate_size": 384,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": True,
+    },
+    # Qwen/Qwen2.5-1.5B-Instruct, Tar-1.5B's base: 1.54B parameters (1.31B outside the embeddings).
+    "qwen2.5-1.5b": {
+        "hidden_size": 1536,
+        "intermediate_size": 8960,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 32768,
+        "max_window_layers": 21,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0},
+        "tie_word_embeddings": True,
+        "vocab_size": 151936,
+    },
+}
+
+# What a causal LM folder on the hub needs: config, weights, tokenizer files and chat template.
+HF_FOLDER_FILES = ("*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja")
+
+
+def _hf_folder(pretrained: str) -> Path:
+    try:
+        folder = resolve_pretrained_dir(resolve_path(pretrained), HF_FOLDER_FILES)
+    except (PretrainedLoadError, FileNotFoundError, ValueError) as err:
+        raise PretrainedLoadError(f"HFCausalLM(pretrained={pretrained!r}): {err}") from err
+    if not (folder / "config.json").is_file():
+        raise PretrainedLoadError(f"{folder} has no config.json; is it a Hugging Face causal LM folder?")
+    return folder
+
+
+def _load_causal_lm(folder: Path, overrides: dict[str, Any]) -> PreTrainedModel:
+    try:
+        config = AutoConfig.from_pretrained(folder, **overrides)
+        verbosity = hf_logging.get_verbosity()
+        # Missing and mismatched weights are raised below; the load report would only repeat them.
+        hf_logging.set_verbosity_error()
+        try:
+            # float32 whatever the checkpoint holds (Qwen2.5 ships bf16): training keeps fp32 master weights and
+            # mixed precision casts per op; cast the module for bf16 inference.
+            model, info = AutoModelForCausalLM.from_pretrained(
+                folder, config=config, dtype=torch.float32, output_loading_info=True
+            )
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    except (OSError, ValueError, KeyError) as err:
+        detail = " ".join(str(err).split())[:300]
+        raise PretrainedLoadError(
+            f"{folder} cannot be loaded as a Hugging Face causal LM ({type(err).__name__}: {detail})"
+        ) from err
+    problems = "; ".join(
+        f"{name} {sorted(map(str, keys))[:8]}"
+        for name, keys in (("missing weights", info["missing_keys"]), ("shape mismatch", info["mismatched_keys"]))
+        if keys
+    )
+    if problems:
+        raise PretrainedLoadError(f"{folder} does not fit its config.json: {problems}")
+    return model
+
+
+def _preset_config(preset: str | None, overrides: dict[str, Any], tokenizer: Any) -> PretrainedConfig:
+    if preset is None:
+        base: dict[str, Any] = {}
+    elif preset in LM_PRESETS:
+        base = LM_PRESETS[preset]
+    else:
+        raise ValueError(f"HFCausalLM: unknown preset {preset!r}; presets: {sorted(LM_PRESETS)}")
+    values = {
+        **base,
+        # At least one row per token; a preset may pad beyond that (Qwen2.5's 151,936 rows for 151,665 tokens).
+        "vocab_size": max(base.get("vocab_size", 0), len(tokenizer)),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        **overrides,
+    }
+    return AutoConfig.for_model(values.pop("model_type", "qwen2"), **values)
+
+
+class HFCausalLM(LanguageModel):
+    """Any Hugging Face ``AutoModelForCausalLM`` and its tokenizer, with Tar's image vocabulary.
+
+    Built from a pretrained folder (a plain LM, or an already expanded Tar LM such as Tar-1.5B), or untrained
+    from a preset. When ``num_codes`` is given and the vocabulary lacks image words, it is expanded at
+    construction (:func:`tarkit.vocab_expansion.expand_vocabulary`); when it has them, their count must match.
+    Without ``num_codes`` a plain LM stays plain: it works as a language model, and :attr:`vocab` raises
+    :class:`~tarkit.vocab.VocabularyError` until :meth:`ensure_image_vocabulary` expands it.
+
+    ``save_pretrained(dir)`` writes a Hugging Face folder (model + tokenizer) that ``transformers`` loads alone;
+    ``HFCausalLM.from_pretrained(dir)`` is ``HFCausalLM(pretrained=dir)``.
+
+    Args:
+        pretrained: a local Hugging Face causal-LM folder (``pkg:`` paths allowed), or a hub id where a hub is
+            reachable; its config, weights and (if present) tokenizer are used and ``preset`` is ignored.
+        preset: untrained architecture when ``pretrained`` is None: ``"tiny"`` (Qwen2, hidden 128, 4 layers,
+            tied embeddings; for CPU) or ``"qwen2.5-1.5b"`` (Qwen2.5-1.5B-Instruct's shape); ``None`` starts from
+            the ``Qwen2Config`` defaults. The vocabulary size follows the tokenizer.
+        config: overrides of the Hugging Face config fields (e.g. ``{"num_hidden_layers": 2}``); with a preset,
+            ``model_type`` picks another architecture (default ``"qwen2"``).
+        tokenizer: ``"qwen2"`` (the real Qwen2.5 tokenizer, built offline), ``"bytes"`` (a 278-token byte-level
+            stand-in) or a local tokenizer folder; ignored when ``pretrained`` has its own tokenizer files.
+        num_codes: ``K`` image tokens ``<I0>..`` to add (the TA-Tok codebook size), or to expect in a Tar folder.
+        num_scales: scale tokens ``<S0>..`` to add or expect with ``num_codes``.
+    """
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        preset: str | None = "tiny",
+        config: dict[str, Any] | None = None,
+        tokenizer: str = QWEN2,
+        num_codes: int | None = None,
+        num_scales: int = 3,
+    ):
+        super().__init__()
+        if pretrained is not None:
+            folder = _hf_folder(pretrained)
+            has_tokenizer = any((folder / name).is_file() for name in TOKENIZER_FILES)
+            self._tokenizer = load_tokenizer(str(folder) if has_tokenizer else tokenizer)
+            self.model = _load_causal_lm(folder, dict(config or {}))
+            self.model.train(self.training)  # from_pretrained returns eval mode; follow this module's mode
+        else:
+            self._tokenizer = load_tokenizer(tokenizer)
+            self.model = AutoModelForCausalLM.from_config(_preset_config(preset, dict(config or {}), self._tokenizer))
+        self._vocab: ImageVocabulary | None = None
+        if num_codes is not None:
+            self.ensure_image_vocabulary(num_codes, num_scales)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    @property
+    def vocab(self) -> ImageVocabulary:
+        """The image vocabulary; :class:`~tarkit.vocab.VocabularyError` if the LM has none."""
+        if self._vocab is None:
+            self._vocab = check_vocabulary(self.model, self._tokenizer)
+        return self._vocab
+
+    def ensure_image_vocabulary(
+        self, num_codes: int, num_scales: int = 3, codebook: torch.Tensor | None = None
+    ) -> ImageVocabulary:
+        """Expand the vocabulary with ``num_codes`` image and ``num_scales`` scale tokens (input rows from
+        ``codebook [K, D]`` when ``D`` is the LM width), or check that it already has exactly those."""
+        if IM_START in self._tokenizer.get_vocab():
+            self._vocab = check_vocabulary(self.model, self._tokenizer, num_codes, num_scales)
+        else:
+            self._vocab = expand_vocabulary(self.model, self._tokenizer, num_codes, num_scales, codebook)
+        return self._vocab
+
+    def config_dict(self) -> dict[str, Any]:
+        """The constructor arguments, with the image vocabulary as it is now (it may have been expanded later)."""
+        config = super().config_dict()
+        if self._vocab is not None:
+            config.update(num_codes=self._vocab.num_codes, num_scales=self._vocab.num_scales)
+        return config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[B, T, V]``; ``V`` is the number of embedding rows, which may exceed ``len(tokenizer)``."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Last hidden states ``[B, T, H]`` after the final norm: ``forward`` is ``output_head`` applied to them."""
+        return self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+
+    @property
+    def output_head(self) -> nn.Module:
+        """The LM head (``nn.Linear``, ``weight [V, H]``): restrict it to the image rows for image sampling."""
+        return self.model.get_output_embeddings()
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Write the model and tokenizer as one Hugging Face folder (the layout of the reference's Tar-1.5B)."""
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(out)
+        self._tokenizer.save_pretrained(out)
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Self:
+        """Load a Hugging Face causal-LM folder (``save_pretrained``'s, or any other)."""
+        return cls(pretrained=os.fspath(path)).to(map_location)
