@@ -105,10 +105,6 @@ class TATok(PretrainedMixin, nn.Module):
             raise ValueError(f"pool scale {scale} is not one of this tokenizer's scales {self.pool_scales}")
         return scale
 
-    def teacher_features(self, images: torch.Tensor, scale: int = 1) -> torch.Tensor:
-        """The encoder's features pooled at ``scale``: what the decoder learns to reconstruct."""
-        return pool_tokens(self.encoder(images), self.check_scale(scale))
-
     def encode(self, images: torch.Tensor, scale: int = 1, features: torch.Tensor | None = None) -> TATokEncoding:
         """Images ``[B, 3, H, W]`` in ``[0, 1]`` (or precomputed encoder features) -> codes at ``scale``."""
         self.check_scale(scale)
