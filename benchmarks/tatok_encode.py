@@ -167,7 +167,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per path")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per path first")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="one precision for all paths")
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="float32",
+        help="one precision for all paths (with bfloat16 SimVQ still searches in float32, so the sanity agreement "
+        "drops below 1: about 0.97 on tiny)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write every figure to this file")
     args = parser.parse_args(argv)
@@ -256,6 +262,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "paths": results,
         "tarkit_over_tower_time": vs_tower,
         "tarkit_over_baseline_throughput": ratio,
+        # The same two figures from the fastest repeats: less sensitive to other processes on a shared machine.
+        "tarkit_over_tower_time_best": results["tarkit"]["min_s"] / results["tower"]["min_s"],
+        "tarkit_over_baseline_throughput_best": results["baseline"]["min_s"] / results["tarkit"]["min_s"],
     }
     if args.json:
         with open(args.json, "w") as out:
