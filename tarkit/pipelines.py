@@ -136,7 +136,7 @@ class TextToImage(_TarPipeline):
         """Codes ``[B, n]`` for each prompt, exactly ``n`` per image at the pipeline's scale."""
         pad = self.tokenizer.pad_token_id
         ids, mask = left_pad([user_prefix(self.tokenizer, [p]) for p in prompts], pad)
-        uncond_ids, uncond_mask = left_pad([user_prefix(self.tokenizer, [""])] * len(prompts), pad)
+        uncond_ids, uncond_mask = left_pad([user_prefix(self.tokenizer, [""])], pad)  # one row serves every prompt
         return generate_image_codes(
             self.lm.model,
             self.vocab,

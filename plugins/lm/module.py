@@ -209,27 +209,29 @@ class UnifiedLMModule(LightningModule):
         self.shared_step(batch, self.tatok.pool_scales[0], "val")
 
     def on_predict_epoch_start(self) -> None:
-        self.tatok.check_scale(self.hparams.predict_scale)
+        from tarkit.pipelines import ImageToText, TextToImage
+
+        hp = self.hparams
+        self._i2t = ImageToText(self.lm, self.tatok)
+        self._t2i = TextToImage(self.lm, self.tatok, hp.predict_scale, hp.cfg_scale)
         self._answers: list[dict[str, str]] = []
-        self._generator = torch.Generator().manual_seed(self.hparams.seed)
+        self._generator = torch.Generator().manual_seed(hp.seed)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Answers questions (``kind`` i2t) or generates images' codes for prompts (``kind`` t2i)."""
         from tarkit.evaluation import write_geneval_sample
-        from tarkit.pipelines import ImageToText, TextToImage
 
         out = Path(self.hparams.predict_dir)
         for kind in sorted(set(batch["kind"])):
             rows = [i for i, k in enumerate(batch["kind"]) if k == kind]
             texts = [batch["text"][i] for i in rows]
             if kind == "i2t":
-                answers = ImageToText(self.lm, self.tatok).generate_batch(batch["image"][rows], texts)
+                answers = self._i2t.generate_batch(batch["image"][rows], texts)
                 self._answers += [
                     {"question_id": batch["id"][i], "text": a} for i, a in zip(rows, answers, strict=True)
                 ]
                 continue
-            pipeline = TextToImage(self.lm, self.tatok, self.hparams.predict_scale, self.hparams.cfg_scale)
-            codes = pipeline.generate_codes(texts, self._generator)
+            codes = self._t2i.generate_codes(texts, self._generator)
             for i, image_codes in zip(rows, codes, strict=True):
                 folder = write_geneval_sample(out, int(batch["id"][i]), json.loads(batch["record"][i]), [])
                 (folder / "codes.json").write_text(
