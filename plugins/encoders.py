@@ -81,6 +81,14 @@ def _model_input(images: torch.Tensor, size: int, mode: str, mean: Any, std: Any
     return (images - mean) / std
 
 
+def _channel_statistic(value: float | list[float], name: str) -> torch.Tensor:
+    """``mean`` or ``std`` as a ``[1, 3, 1, 1]`` tensor: one value for all channels, or one per channel."""
+    values = [float(v) for v in (value if isinstance(value, (list, tuple)) else [value] * 3)]
+    if len(values) != 3 or (name == "std" and min(values) <= 0):
+        raise ValueError(f"SigLIP2Encoder: {name} must be one number or 3 (one per RGB channel), std > 0; got {value}")
+    return torch.tensor(values).view(1, 3, 1, 1)
+
+
 def _siglip_checkpoint(pretrained: str) -> tuple[Path, dict[str, Any]]:
     """The local folder of a fixed-resolution SigLIP checkpoint and its vision tower's architecture."""
     try:
@@ -132,7 +140,8 @@ class SigLIP2Encoder(VisionEncoder):
 
     The paper's ``google/siglip2-so400m-patch14-384`` is a fixed-resolution SigLIP-architecture checkpoint
     (model_type ``siglip``); NaFlex ``siglip2`` checkpoints are not supported. Inputs are resized to
-    ``image_size`` (bilinear, antialiased, as the reference's ``Resize``) and normalised with mean = std = 0.5.
+    ``image_size`` (bilinear, antialiased, as the reference's ``Resize``) and normalised as ``(x - mean) / std``,
+    by default mean = std = 0.5 (the reference's ``scale_layer``).
     The Hugging Face model is ``self.model``, so its weights are ``model.embeddings.*`` and
     ``model.encoder.layers.*``; layers after ``select_layer``, ``post_layernorm`` and the pooling head are
     dropped.
@@ -148,7 +157,12 @@ class SigLIP2Encoder(VisionEncoder):
             reachable, holding a ``SiglipVisionModel`` or a full ``SiglipModel`` (its vision tower is used).
         select_layer: which hidden state to return, indexed like ``hidden_states``: ``-2`` is the
             penultimate layer's output, the paper's choice.
+        mean: the input normalisation's shift, one value or one per RGB channel.
+        std: its scale, likewise.
     """
+
+    # The SiglipVisionConfig fields that `config` takes (loaders of other checkpoint formats read them too).
+    ARCHITECTURE_KEYS = SIGLIP_ARCHITECTURE_KEYS
 
     def __init__(
         self,
@@ -156,6 +170,8 @@ class SigLIP2Encoder(VisionEncoder):
         config: dict[str, Any] | None = None,
         pretrained: str | None = None,
         select_layer: int = -2,
+        mean: float | list[float] = 0.5,
+        std: float | list[float] = 0.5,
     ):
         super().__init__()
         unknown = sorted(set(config or {}) - set(SIGLIP_ARCHITECTURE_KEYS))
@@ -187,6 +203,9 @@ class SigLIP2Encoder(VisionEncoder):
         self.model = _load_siglip(folder, hf_config) if folder is not None else SiglipVisionModel(hf_config)
         # hidden_states (the reference's features) come before the final norm, which only feeds the head.
         self.model.post_layernorm = nn.Identity()
+        # Not persistent: they are constructor arguments (in config.json), so the weights stay Hugging Face's.
+        self.register_buffer("mean", _channel_statistic(mean, "mean"), persistent=False)
+        self.register_buffer("std", _channel_statistic(std, "std"), persistent=False)
 
     def config_dict(self) -> dict[str, Any]:
         """The resolved architecture, with no preset and no pretrained source.
@@ -200,6 +219,8 @@ class SigLIP2Encoder(VisionEncoder):
             "config": dict(self.architecture),
             "pretrained": None,
             "select_layer": self.select_layer,
+            "mean": self.mean.flatten().tolist(),
+            "std": self.std.flatten().tolist(),
         }
 
     @property
@@ -215,7 +236,7 @@ class SigLIP2Encoder(VisionEncoder):
         return self.architecture["hidden_size"]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        pixels = _model_input(images, self.image_size, "bilinear", 0.5, 0.5)
+        pixels = _model_input(images, self.image_size, "bilinear", self.mean, self.std)
         # No output_hidden_states: the truncated tower's last output is the selected hidden state.
         return self.model(pixel_values=pixels).last_hidden_state
 

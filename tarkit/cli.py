@@ -2,6 +2,10 @@
 
 Entry points are loaded *before* LightningCLI builds its parser, so a recipe can name a part by its
 registered short name (``class_path: learned``), its class name, or a full class path.
+
+Listing the commands imports nothing heavy (torch, Lightning and transformers load when a command that
+needs them runs). Options before the command: ``--root DIR`` (the root of ``root:`` paths,
+``$TARKIT_ROOT``) and ``--verbose`` (library tips, banners and known-harmless warnings, hidden by default).
 """
 
 from __future__ import annotations
@@ -10,10 +14,14 @@ import contextvars
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from tarkit import __version__
 from tarkit.commands import CommandError
+from tarkit.paths import ROOT_VARIABLE
+from tarkit.quiet import quiet_libraries, quiet_lightning
 from tarkit.registry import TarkitPluginWarning, UnknownPartError, registry
+from tarkit.threads import configure_threads
 
 LIGHTNING_SUBCOMMANDS = {
     "fit": "train a model from a recipe",
@@ -65,9 +73,25 @@ def install_part_resolver() -> None:
     _typehints.resolve_class_path_by_name = resolve_class_path_by_name
 
 
-def _lightning_cli(args: list[str] | None) -> None:
+def _config_files(args: list[str]) -> list[Path]:
+    """The ``--config`` files named on a Lightning command line (both ``--config F`` and ``--config=F``)."""
+    files = [Path(b) for a, b in zip(args, args[1:], strict=False) if a == "--config"]
+    return files + [Path(a.removeprefix("--config=")) for a in args if a.startswith("--config=")]
+
+
+def _lightning_cli(args: list[str], verbose: bool) -> None:
     from lightning.pytorch import LightningDataModule, LightningModule
+    from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+    from tarkit.recipe_paths import MissingStageError, check_inputs, resolve_root_paths
+    from tarkit.run_logging import default_callbacks, default_loggers
+
+    if not verbose:
+        quiet_lightning()
+
+    # A missing `root:` input names the recipe that writes it: look beside the recipes given, then recipes/.
+    recipe_dirs = dict.fromkeys([f.parent for f in _config_files(args)] + [Path("recipes/tiny"), Path("recipes")])
 
     class TarkitArgumentParser(LightningArgumentParser):
         def error(self, message: str, ex: Exception | None = None):  # noqa: ANN201 (argparse API)
@@ -81,6 +105,33 @@ def _lightning_cli(args: list[str] | None) -> None:
             parser = super().init_parser(**kwargs)  # keeps Lightning's --config and dump header
             parser.__class__ = TarkitArgumentParser
             return parser
+
+        def before_instantiate_classes(self) -> None:
+            config = self.config[self.subcommand]
+            try:
+                check_inputs(config, recipe_dirs)
+            except MissingStageError as err:
+                print(f"tarkit: error: {err}", file=sys.stderr)
+                raise SystemExit(2) from None
+            resolve_root_paths(config)
+            data = config.get("data") or {}
+            configure_threads(workers=int((data.get("init_args") or {}).get("num_workers") or 0))
+
+        def instantiate_trainer(self, **kwargs):  # noqa: ANN201 (LightningCLI API)
+            # Runs leave curves: a recipe that keeps Lightning's default logger gets CSV (+ TensorBoard), the
+            # learning rate and throughput; a recipe that turns logging off gets none of them.
+            trainer = self._get(self.config_init, "trainer", default={})
+            callbacks = trainer.get("callbacks") or []
+            callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+            if trainer.get("logger") in (None, True):
+                kwargs.setdefault("logger", default_loggers(trainer.get("default_root_dir") or os.getcwd()))
+            if kwargs.get("logger", trainer.get("logger")) not in (None, False):
+                callbacks += default_callbacks()
+            if trainer.get("enable_progress_bar") is not False and not any(
+                isinstance(c, ProgressBar) for c in callbacks
+            ):
+                callbacks.append(RichProgressBar())
+            return super().instantiate_trainer(callbacks=callbacks, **kwargs)
 
         def instantiate_classes(self) -> None:
             # A constructor refusing its arguments (a bad value, a missing file) is the user's to fix: say
@@ -100,22 +151,31 @@ def _lightning_cli(args: list[str] | None) -> None:
     registry.load_all()
     install_part_resolver()
     _unknown_part.set(None)
-    TarkitCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    # LightningCLI reads sys.argv when given no args and warns when both differ; the options tarkit took off
+    # the front (--root, --verbose) are not Lightning's, so it sees exactly the arguments meant for it.
+    command_line, sys.argv = sys.argv, [sys.argv[0], *args]
+    try:
+        TarkitCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+        )
+    finally:
+        sys.argv = command_line
 
 
 def _help(commands: dict[str, type]) -> str:
     lines = [
-        f"usage: tarkit [--version] [-h] <command> ...  (tarkit {__version__})",
+        f"usage: tarkit [--version] [-h] [--root DIR] [--verbose] <command> ...  (tarkit {__version__})",
         "",
         "Tar (Vision as a Dialect) as a plugin framework on PyTorch Lightning.",
+        "",
+        "options:",
+        f"  --root DIR  root of the recipes' root: paths (default ${ROOT_VARIABLE}, else outputs/tiny)",
+        "  --verbose   show library tips, banners and known-harmless warnings",
         "",
         "commands:",
     ]
@@ -125,16 +185,37 @@ def _help(commands: dict[str, type]) -> str:
     return "\n".join(lines)
 
 
+def _global_options(argv: list[str]) -> tuple[list[str], bool]:
+    """Apply ``--root DIR`` and ``--verbose`` given before the command; returns the rest and ``verbose``."""
+    verbose = False
+    while argv and (argv[0] in ("--root", "--verbose") or argv[0].startswith("--root=")):
+        option = argv.pop(0)
+        if option == "--verbose":
+            verbose = True
+            continue
+        root = option.removeprefix("--root=") if option.startswith("--root=") else (argv.pop(0) if argv else "")
+        if not root:
+            raise CommandError("--root needs a folder: tarkit --root DIR <command> ...")
+        os.environ[ROOT_VARIABLE] = root
+    return argv, verbose
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``tarkit``; returns the process exit status."""
-    from_command_line = argv is None
-    argv = list(sys.argv[1:] if from_command_line else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     warnings.formatwarning = _format_warning
+    try:
+        argv, verbose = _global_options(argv)
+    except CommandError as err:
+        print(f"tarkit: error: {err}", file=sys.stderr)
+        return 2
     if argv[:1] == ["--version"]:
         print(f"tarkit {__version__}")
         return 0
+    if not verbose and argv and argv[0] not in ("-h", "--help"):
+        quiet_libraries()
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
-        _lightning_cli(None if from_command_line else argv)  # LightningCLI reads sys.argv itself
+        _lightning_cli(argv, verbose)
         return 0
     commands = registry.load_group("tarkit.commands")
     if not argv or argv[0] in ("-h", "--help"):

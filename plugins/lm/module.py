@@ -21,6 +21,7 @@ from tarkit.interfaces import LanguageModel
 from tarkit.optim import adamw_warmup_cosine
 from tarkit.prompts import IGNORE_INDEX, pad_examples
 from tarkit.registry import registry
+from tarkit.settings import GenerationDefaults, TarSettings, default_scale, tatok_record, write_settings
 from tarkit.tatok import TATok
 from tarkit.vocab import ImageVocabulary
 
@@ -112,7 +113,8 @@ class UnifiedLMModule(LightningModule):
     The TA-Tok is frozen; every batch draws one pool scale from ``train_scales`` (paper ``[1, 1, 2, 3]``), its
     images are tokenized (cached with ``code_cache_dir``), each sample is formatted by its task's formatter
     (``tarkit.tasks``) and the loss is next-token cross-entropy on the assistant turns. Per-task loss and
-    token accuracy are logged. At the end of fit the LM is saved as a Hugging Face folder.
+    token accuracy are logged. At the end of fit the LM is saved as a Hugging Face folder that records its
+    training scales, its TA-Tok and generation defaults in ``generation_config.json`` (:mod:`tarkit.settings`).
 
     Args:
         lm: the language model (``tarkit.lms``); its vocabulary is expanded with the TA-Tok's codes and scales
@@ -127,11 +129,14 @@ class UnifiedLMModule(LightningModule):
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up steps, then cosine decay.
         code_cache_dir: folder to persist TA-Tok codes of seen images (None: in memory only).
-        export_dir: where the trained LM (+ tokenizer) is saved at the end of fit.
+        export_dir: where the trained LM (+ tokenizer) is saved at the end of fit, recording ``train_scales``,
+            ``tatok`` and, as generation defaults, the most frequent training scale and ``cfg_scale``.
         predict_dir: where ``predict`` writes: ``answers.jsonl`` for questions, GenEval's folder layout for
             prompts (PNGs drawn by ``detokenizer``; each prompt's TA-Tok codes also in ``<00000>/codes.json``).
-        predict_scale: pool scale of the images ``predict`` reads and generates.
-        cfg_scale: classifier-free guidance for generated images (1: unguided, the reference's default).
+        predict_scale: pool scale of the images ``predict`` reads and generates; None: the scale the LM folder
+            records (1 without a record).
+        cfg_scale: classifier-free guidance for generated images (1: unguided, the reference's default); the
+            exported folder records it as its default.
         detokenizer: a de-tokenizer folder trained on this TA-Tok; without one, ``predict`` writes codes only.
         detok_cfg_scale: the de-tokenizer's guidance when drawing predicted images.
         images_per_prompt: images generated per GenEval prompt (GenEval samples 4).
@@ -152,7 +157,7 @@ class UnifiedLMModule(LightningModule):
         code_cache_dir: str | None = None,
         export_dir: str | None = None,
         predict_dir: str = "outputs/lm_predict",
-        predict_scale: int = 1,
+        predict_scale: int | None = None,
         cfg_scale: float = 1.0,
         detokenizer: str | None = None,
         detok_cfg_scale: float = 1.0,
@@ -269,9 +274,7 @@ class UnifiedLMModule(LightningModule):
                 images = drawn[j * per_prompt : (j + 1) * per_prompt]
                 folder = write_geneval_sample(out, int(batch["id"][i]), json.loads(batch["record"][i]), images)
                 prompt_codes = codes[j * per_prompt : (j + 1) * per_prompt].tolist()
-                (folder / "codes.json").write_text(
-                    json.dumps({"scale": self.hparams.predict_scale, "codes": prompt_codes}) + "\n"
-                )
+                (folder / "codes.json").write_text(json.dumps({"scale": self._t2i.scale, "codes": prompt_codes}) + "\n")
 
     def on_predict_epoch_end(self) -> None:
         if self._answers:
@@ -289,4 +292,19 @@ class UnifiedLMModule(LightningModule):
     def on_fit_end(self) -> None:
         self.cache.save()
         if self.hparams.export_dir and self.trainer.is_global_zero:
-            self.lm.save_pretrained(self.hparams.export_dir)
+            self.export(self.hparams.export_dir)
+
+    def export(self, folder: str | Path) -> Path:
+        """Save the LM (+ tokenizer) as a Hugging Face folder with this training's settings recorded in it."""
+        out = self.lm.save_pretrained(folder)
+        write_settings(out, self.settings(out))
+        return out
+
+    def settings(self, folder: str | Path) -> TarSettings:
+        """What an LM folder at ``folder`` records about this training (see :mod:`tarkit.settings`)."""
+        hp = self.hparams
+        return TarSettings(
+            train_scales=self.train_scales,
+            tatok=tatok_record(hp.tatok, folder, self.tatok.pool_scales, self.tatok.num_codes),
+            generation=GenerationDefaults(scale=default_scale(self.train_scales), cfg_scale=hp.cfg_scale),
+        )

@@ -1,24 +1,18 @@
-"""``tarkit shapesworld ...`` (make data) and ``tarkit eval ...`` (score GenEval folders and POPE answers)."""
+"""``tarkit shapesworld ...`` (make data), ``tarkit eval ...`` (score GenEval folders and POPE answers) and
+``tarkit demo`` (train and score tiny Tar).
+
+Only argument parsing lives here: ``tarkit --help`` imports this module to list the commands, so what the
+commands do (and torch with it) is imported when one runs (:mod:`~tarkit_plugins.shapesworld.actions`,
+:mod:`~tarkit_plugins.shapesworld.demo`).
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from PIL import Image
-
 from tarkit.commands import Command, CommandError
-from tarkit.data import DataFormatError, load_image, read_jsonl, write_jsonl
-from tarkit.evaluation import (
-    geneval_scores,
-    iter_geneval_folder,
-    markdown_table,
-    score_pope_files,
-    write_geneval_sample,
-)
-from tarkit_plugins.shapesworld.oracle import OracleError, answer_question, score_image
-from tarkit_plugins.shapesworld.world import SPLITS, SceneSampler, render
+from tarkit_plugins.shapesworld.world import SPLITS
 
 
 def _positive(text: str) -> int:
@@ -33,13 +27,6 @@ def _sampler_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=sorted(SPLITS), default="heldout", help="colour-shape combinations")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
-
-
-def _sampler(args: argparse.Namespace) -> SceneSampler:
-    try:
-        return SceneSampler(args.split, seed=args.seed, size=args.size)
-    except ValueError as err:
-        raise CommandError(str(err)) from err
 
 
 class ShapesWorldCommand(Command):
@@ -64,55 +51,10 @@ class ShapesWorldCommand(Command):
             "--root", type=Path, help="folder image paths are relative to (default: the questions file's)"
         )
         args = parser.parse_args(argv)
-        return {"render": self.render, "prompts": self.prompts, "answer": self.answer}[args.action](args)
+        from tarkit_plugins.shapesworld import actions
 
-    def render(self, args: argparse.Namespace) -> int:
-        sampler = _sampler(args)
-        questions = []
-        for index in range(args.num):
-            example = sampler.example(index)
-            folder = write_geneval_sample(args.out, index, example.record, [render(example.scene)])
-            image = (folder / "samples" / "0000.png").relative_to(args.out).as_posix()
-            for k, (text, label) in enumerate(
-                sampler.pope_questions(example, sampler.rng(index, "pope"), args.questions_per_image)
-            ):
-                questions.append({"question_id": f"{index:05d}-{k}", "image": image, "text": text, "label": label})
-        write_jsonl(args.out / "pope_questions.jsonl", questions)
-        print(f"wrote {args.num} scenes and {len(questions)} POPE questions to {args.out}")
-        return 0
-
-    def prompts(self, args: argparse.Namespace) -> int:
-        sampler = _sampler(args)
-        write_jsonl(args.out, (sampler.example(i).record for i in range(args.num)))
-        print(f"wrote {args.num} GenEval-style prompts to {args.out}")
-        return 0
-
-    def answer(self, args: argparse.Namespace) -> int:
-        root = args.root or args.questions.parent
-        answers = []
-        for row in _read(args.questions, ("question_id", "image", "text")):
-            image = _open(root / row["image"])
-            try:
-                answers.append({"question_id": row["question_id"], "text": answer_question(image, row["text"])})
-            except OracleError as err:
-                raise CommandError(f"{args.questions}: question_id {row['question_id']!r}: {err}") from err
-        write_jsonl(args.out, answers)
-        print(f"wrote {len(answers)} answers to {args.out}")
-        return 0
-
-
-def _read(path: Path, required: tuple[str, ...]) -> list[dict]:
-    try:
-        return read_jsonl(path, required)
-    except DataFormatError as err:
-        raise CommandError(str(err)) from err
-
-
-def _open(path: Path) -> Image.Image:
-    try:
-        return load_image(path)
-    except (OSError, ValueError) as err:
-        raise CommandError(f"cannot read image {path}: {err}") from err
+        action = {"render": actions.render_scenes, "prompts": actions.write_prompts, "answer": actions.answer_questions}
+        return action[args.action](args)
 
 
 class EvalCommand(Command):
@@ -134,43 +76,36 @@ class EvalCommand(Command):
         )
         pope.add_argument("--json", type=Path, help="metrics JSON to write")
         args = parser.parse_args(argv)
-        return self.geneval(args) if args.benchmark == "geneval" else self.pope(args)
+        from tarkit_plugins.shapesworld import actions
 
-    def geneval(self, args: argparse.Namespace) -> int:
-        rows = []
-        try:
-            for folder, record, samples in iter_geneval_folder(args.images):
-                if not samples:
-                    raise CommandError(f"{folder}/samples has no .png images")
-                for path in samples:
-                    correct, reason = score_image(_open(path), record)
-                    rows.append(
-                        {
-                            "filename": str(path),
-                            "tag": record["tag"],
-                            "prompt": record["prompt"],
-                            "correct": correct,
-                            "reason": reason,
-                            "metadata": json.dumps(record),
-                        }
-                    )
-        except (DataFormatError, OracleError) as err:
-            raise CommandError(str(err)) from err
-        scores = geneval_scores(rows)
-        write_jsonl(args.results or args.images / "results.jsonl", rows)
-        out = args.json or args.images / "scores.json"
-        out.write_text(json.dumps({"geneval": scores, "num_images": len(rows)}, indent=2) + "\n")
-        print(markdown_table(scores, ("GenEval-style (ShapesWorld oracle)", "accuracy")))
-        print(f"\n{len(rows)} images; results in {args.results or args.images / 'results.jsonl'}, scores in {out}")
-        return 0
+        return actions.score_geneval(args) if args.benchmark == "geneval" else actions.score_pope(args)
 
-    def pope(self, args: argparse.Namespace) -> int:
-        questions = args.questions or args.answers.parent / "pope_questions.jsonl"
-        try:
-            metrics = score_pope_files(questions, args.answers)
-        except (DataFormatError, ValueError) as err:
-            raise CommandError(str(err)) from err
-        if args.json:
-            args.json.write_text(json.dumps({"pope": metrics}, indent=2) + "\n")
-        print(markdown_table(metrics, ("POPE-style", "value")))
-        return 0
+
+class DemoCommand(Command):
+    """``tarkit demo [--quick]``: see :mod:`tarkit_plugins.shapesworld.demo`."""
+
+    help = "train tiny Tar from scratch on ShapesWorld (CPU) and write a paper-style report"
+
+    def run(self, argv: list[str], prog: str) -> int:
+        parser = argparse.ArgumentParser(prog=prog, description=self.help)
+        parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder (the stages' root)")
+        parser.add_argument("--recipes", type=Path, default=Path("recipes/tiny"), help="folder of the stage recipes")
+        parser.add_argument("--quick", action="store_true", help="tiny budgets: a smoke test, not a result")
+        parser.add_argument("--force", action="store_true", help="retrain stages whose folders exist")
+        parser.add_argument("--prompts", type=int, help="GenEval-style prompts (default 60, quick 6)")
+        parser.add_argument("--images", type=int, help="held-out images for POPE and captions (default 60, quick 4)")
+        parser.add_argument("--candidates", type=int, default=4, help="self-reflection candidates per prompt")
+        parser.add_argument("--scale", type=int, default=2, help="pool scale of generated and read images")
+        parser.add_argument("--cfg-scale", type=float, default=3.0, help="LM classifier-free guidance")
+        parser.add_argument("--batch-size", type=int, default=16)
+        parser.add_argument("--seed", type=int, default=0)
+        args = parser.parse_args(argv)
+        if args.prompts is None:
+            args.prompts = 6 if args.quick else 60
+        if args.images is None:
+            args.images = 4 if args.quick else 60
+        if min(args.prompts, args.images, args.candidates, args.batch_size) < 1:
+            raise CommandError("--prompts, --images, --candidates and --batch-size must be positive")
+        from tarkit_plugins.shapesworld.demo import run_demo
+
+        return run_demo(args)

@@ -3,10 +3,13 @@
     teacher (SigLIP loss) -> TA-Tok -> pixel VQ -> AR de-tokenizer -> LM (mixed i2t/t2i/i2i/ti2i)
         -> GenEval-style T2I (with and without self-reflection), POPE-style I2T, caption attributes
 
-Every stage is a recipe under ``recipes/tiny/`` run by ``tarkit fit``; its folder goes to
-``<out>/checkpoints/<stage>`` and the next stages read it from there. A stage whose folder exists is reused
-(``--force`` retrains), so an interrupted demo resumes where it stopped. ``--quick`` shrinks every budget
-for a smoke test. Writes ``report.md``, ``metrics.json`` and ``samples.png`` to ``<out>``.
+Every stage is a recipe under ``recipes/tiny/`` run by ``tarkit --root <out> fit``: the recipes name their
+inputs and outputs as ``root:`` paths, so with ``<out>`` as the root each stage writes
+``<out>/checkpoints/<stage>`` (its logs under ``<out>/runs/<stage>``) and reads the earlier stages from
+there, exactly as ``tarkit fit`` does on its own under ``outputs/tiny``. A stage whose folder exists is
+reused (``--force`` retrains), so an interrupted demo resumes where it stopped; ``<out>/checkpoints`` is a
+Tar bundle (``TextToImage.from_pretrained``). ``--quick`` shrinks every budget for a smoke test. Writes
+``report.md``, ``metrics.json`` and ``samples.png`` to ``<out>``.
 """
 
 from __future__ import annotations
@@ -14,13 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from tarkit.ablate import last_logged
 from tarkit.cli import main as tarkit_main
-from tarkit.commands import Command, CommandError
+from tarkit.commands import CommandError
 from tarkit.pipelines import ImageToText, TextToImage
 from tarkit_plugins.shapesworld.report import evaluate_i2t, evaluate_t2i, labelled_grid, write_report
 from tarkit_plugins.shapesworld.world import SceneSampler
@@ -30,46 +34,51 @@ TARGETS = {"geneval": 0.85, "pope": 0.95}
 
 @dataclass(frozen=True)
 class Stage:
-    """One ``tarkit fit`` of a tiny recipe: ``inputs`` maps a recipe key to the stage whose folder it reads."""
+    """One ``tarkit fit`` of a tiny recipe; ``headline`` is the logged metric its line reports, by preference."""
 
     name: str
     recipe: str
     steps: int
     quick_steps: int
-    inputs: dict[str, str] = field(default_factory=dict)
-    quick_args: tuple[str, ...] = ()
+    headline: tuple[str, ...]
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("teacher", "teacher.yaml", 400, 20),
-    Stage("tatok", "tatok.yaml", 400, 20, {"model.init_args.encoder.init_args.pretrained": "teacher"}),
-    Stage("pixel_vq", "pixel_vq.yaml", 600, 20),
-    Stage(
-        "ar_detok",
-        "ar_detok.yaml",
-        400,
-        20,
-        {"model.init_args.detokenizer.init_args.vq": "pixel_vq", "model.init_args.tatok": "tatok"},
-    ),
-    Stage("lm", "lm.yaml", 500, 20, {"model.init_args.tatok": "tatok"}),
+    Stage("teacher", "teacher.yaml", 400, 20, ("val/retrieval_acc", "train/retrieval_acc")),
+    Stage("tatok", "tatok.yaml", 400, 20, ("val/recon_cosine_scale1", "val/recon_cosine", "train/recon_cosine")),
+    Stage("pixel_vq", "pixel_vq.yaml", 600, 20, ("val/psnr", "train/psnr")),
+    Stage("ar_detok", "ar_detok.yaml", 400, 20, ("val/psnr", "train/loss")),
+    Stage("lm", "lm.yaml", 500, 20, ("val/loss", "train/loss")),
 )
 
 
 def stage_arguments(stage: Stage, recipes: Path, out: Path, quick: bool) -> list[str]:
-    """The ``tarkit fit`` arguments of a stage, its inputs and outputs under ``out``."""
-    checkpoints = out / "checkpoints"
+    """The ``tarkit`` arguments of a stage: its recipe with ``out`` as the root of its ``root:`` paths."""
     args = [
+        "--root",
+        str(out),
         "fit",
         "--config",
         str(recipes / stage.recipe),
         f"--trainer.max_steps={stage.quick_steps if quick else stage.steps}",
-        f"--trainer.default_root_dir={out / 'runs' / stage.name}",
-        f"--model.init_args.export_dir={checkpoints / stage.name}",
+        "--trainer.enable_progress_bar=false",  # one line per stage instead
+        "--trainer.enable_model_summary=false",
     ]
-    args += [f"--{key}={checkpoints / source}" for key, source in stage.inputs.items()]
     if quick:
         args += ["--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0"]
     return args
+
+
+def headline(out: Path, stage: Stage) -> str:
+    """The stage's preferred last-logged figure from its CSV log, e.g. ``val/psnr 22.71``."""
+    logs = sorted((out / "runs" / stage.name / "csv").glob("version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)
+    if not logs:
+        return "no metrics logged"
+    logged = last_logged(logs[-1], "")
+    for key in stage.headline:
+        if key in logged:
+            return f"{key} {logged[key]:.3f}"
+    return "no headline metric logged"
 
 
 def run_stages(recipes: Path, out: Path, quick: bool, force: bool) -> dict[str, float]:
@@ -78,17 +87,19 @@ def run_stages(recipes: Path, out: Path, quick: bool, force: bool) -> dict[str, 
     for stage in STAGES:
         folder = out / "checkpoints" / stage.name
         if (folder / "config.json").is_file() and not force:
-            print(f"[demo] {stage.name}: reusing {folder}")
+            print(f"[demo] {stage.name:<9} reused {folder}", flush=True)
             continue
         if not (recipes / stage.recipe).is_file():
             raise CommandError(f"recipe {recipes / stage.recipe} not found; run from the repo root or set --recipes")
-        print(f"[demo] {stage.name}: training ({recipes / stage.recipe})", flush=True)
         start = time.perf_counter()
         try:
-            tarkit_main(stage_arguments(stage, recipes, out, quick))
+            status = tarkit_main(stage_arguments(stage, recipes, out, quick))
         except SystemExit as err:  # LightningCLI exits on bad arguments; the message is already printed
-            raise CommandError(f"stage {stage.name} failed (exit status {err.code})") from err
+            status = err.code
+        if status:
+            raise CommandError(f"stage {stage.name} failed (exit status {status}); its recipe is {recipes / stage.recipe}")
         seconds[stage.name] = round(time.perf_counter() - start, 1)
+        print(f"[demo] {stage.name:<9} {seconds[stage.name]:7.1f} s  {headline(out, stage)}", flush=True)
     return seconds
 
 
@@ -111,54 +122,36 @@ def evaluate(out: Path, args: argparse.Namespace) -> dict[str, object]:
     return {"geneval": geneval, "pope": pope, "caption": caption}
 
 
-class DemoCommand(Command):
-    """``tarkit demo [--quick]``."""
-
-    help = "train tiny Tar from scratch on ShapesWorld (CPU) and write a paper-style report"
-
-    def run(self, argv: list[str], prog: str) -> int:
-        parser = argparse.ArgumentParser(prog=prog, description=self.help)
-        parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder")
-        parser.add_argument("--recipes", type=Path, default=Path("recipes/tiny"), help="folder of the stage recipes")
-        parser.add_argument("--quick", action="store_true", help="tiny budgets: a smoke test, not a result")
-        parser.add_argument("--force", action="store_true", help="retrain stages whose folders exist")
-        parser.add_argument("--prompts", type=int, help="GenEval-style prompts (default 60, quick 6)")
-        parser.add_argument("--images", type=int, help="held-out images for POPE and captions (default 60, quick 4)")
-        parser.add_argument("--candidates", type=int, default=4, help="self-reflection candidates per prompt")
-        parser.add_argument("--scale", type=int, default=2, help="pool scale of generated and read images")
-        parser.add_argument("--cfg-scale", type=float, default=3.0, help="LM classifier-free guidance")
-        parser.add_argument("--batch-size", type=int, default=16)
-        parser.add_argument("--seed", type=int, default=0)
-        args = parser.parse_args(argv)
-        if args.prompts is None:
-            args.prompts = 6 if args.quick else 60
-        if args.images is None:
-            args.images = 4 if args.quick else 60
-        if min(args.prompts, args.images, args.candidates, args.batch_size) < 1:
-            raise CommandError("--prompts, --images, --candidates and --batch-size must be positive")
-        args.out.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        stage_seconds = run_stages(args.recipes, args.out, args.quick, args.force)
-        print("[demo] evaluating on the held-out split", flush=True)
-        eval_start = time.perf_counter()
-        try:
-            metrics = evaluate(args.out, args)
-        except (ValueError, OSError) as err:  # e.g. a --scale the TA-Tok lacks; trained stages stay reusable
-            raise CommandError(f"evaluation failed: {err}") from err
-        metrics["run"] = {
-            "quick": args.quick,
-            "stage_seconds": stage_seconds,
-            "eval_seconds": round(time.perf_counter() - eval_start, 1),
-            "total_seconds": round(time.perf_counter() - start, 1),
-            "prompts": args.prompts,
-            "images": args.images,
-            "candidates": args.candidates,
-            "scale": args.scale,
-            "cfg_scale": args.cfg_scale,
-            "threads": torch.get_num_threads(),
-        }
-        (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        report = write_report(args.out, metrics, TARGETS)
-        print(report.read_text())
-        print(f"[demo] wrote {report}, {args.out / 'metrics.json'} and {args.out / 'samples.png'}")
-        return 0
+def run_demo(args: argparse.Namespace) -> int:
+    """Train the missing stages, evaluate, write the report; ``args`` as ``tarkit demo`` parses them."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    stage_seconds = run_stages(args.recipes, args.out, args.quick, args.force)
+    eval_start = time.perf_counter()
+    try:
+        metrics = evaluate(args.out, args)
+    except (ValueError, OSError) as err:  # e.g. a --scale the TA-Tok lacks; trained stages stay reusable
+        raise CommandError(f"evaluation failed: {err}") from err
+    eval_seconds = round(time.perf_counter() - eval_start, 1)
+    print(
+        f"[demo] {'evaluate':<9} {eval_seconds:7.1f} s  GenEval-style overall "
+        f"{metrics['geneval']['plain']['overall']:.3f}, POPE accuracy {metrics['pope']['accuracy']:.3f}",
+        flush=True,
+    )
+    metrics["run"] = {
+        "quick": args.quick,
+        "stage_seconds": stage_seconds,
+        "eval_seconds": eval_seconds,
+        "total_seconds": round(time.perf_counter() - start, 1),
+        "prompts": args.prompts,
+        "images": args.images,
+        "candidates": args.candidates,
+        "scale": args.scale,
+        "cfg_scale": args.cfg_scale,
+        "threads": torch.get_num_threads(),
+    }
+    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    report = write_report(args.out, metrics, TARGETS)
+    print(report.read_text())
+    print(f"[demo] wrote {report}, {args.out / 'metrics.json'} and {args.out / 'samples.png'}")
+    return 0
