@@ -81,12 +81,12 @@ def _model_input(images: torch.Tensor, size: int, mode: str, mean: Any, std: Any
     return (images - mean) / std
 
 
-def _channel_statistic(value: float | list[float], name: str) -> torch.Tensor:
-    """``mean`` or ``std`` as a ``[1, 3, 1, 1]`` tensor: one value for all channels, or one per channel."""
+def _channel_statistic(value: float | list[float], name: str) -> list[float]:
+    """``mean`` or ``std`` as 3 floats, one per RGB channel (one value serves all three)."""
     values = [float(v) for v in (value if isinstance(value, (list, tuple)) else [value] * 3)]
     if len(values) != 3 or (name == "std" and min(values) <= 0):
         raise ValueError(f"SigLIP2Encoder: {name} must be one number or 3 (one per RGB channel), std > 0; got {value}")
-    return torch.tensor(values).view(1, 3, 1, 1)
+    return values
 
 
 def _siglip_checkpoint(pretrained: str) -> tuple[Path, dict[str, Any]]:
@@ -203,9 +203,10 @@ class SigLIP2Encoder(VisionEncoder):
         self.model = _load_siglip(folder, hf_config) if folder is not None else SiglipVisionModel(hf_config)
         # hidden_states (the reference's features) come before the final norm, which only feeds the head.
         self.model.post_layernorm = nn.Identity()
+        self.normalisation = {"mean": _channel_statistic(mean, "mean"), "std": _channel_statistic(std, "std")}
         # Not persistent: they are constructor arguments (in config.json), so the weights stay Hugging Face's.
-        self.register_buffer("mean", _channel_statistic(mean, "mean"), persistent=False)
-        self.register_buffer("std", _channel_statistic(std, "std"), persistent=False)
+        for name, values in self.normalisation.items():
+            self.register_buffer(name, torch.tensor(values).view(1, 3, 1, 1), persistent=False)
 
     def config_dict(self) -> dict[str, Any]:
         """The resolved architecture, with no preset and no pretrained source.
@@ -219,8 +220,7 @@ class SigLIP2Encoder(VisionEncoder):
             "config": dict(self.architecture),
             "pretrained": None,
             "select_layer": self.select_layer,
-            "mean": self.mean.flatten().tolist(),
-            "std": self.std.flatten().tolist(),
+            **self.normalisation,
         }
 
     @property

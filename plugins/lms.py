@@ -7,13 +7,14 @@ holds the added image words, so ``Qwen2ForCausalLM.from_pretrained(folder)`` and
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Self
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from tarkit.interfaces import LanguageModel
@@ -64,9 +65,26 @@ def _hf_folder(pretrained: str) -> Path:
     return folder
 
 
+# The reference trains Tar as LLaVA's "llava_qwen" (Qwen2 with the vision tower inside); transformers does not know
+# that type, but the config is Qwen2's and so are the LM weights (the tower's, if saved too, are left out).
+BASE_MODEL_TYPES = {"llava_qwen": "qwen2"}
+
+
+def _read_config(folder: Path, overrides: dict[str, Any]) -> PretrainedConfig:
+    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    if model_type not in BASE_MODEL_TYPES:
+        return AutoConfig.from_pretrained(folder, **overrides)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the warning that the model type differs is the point here
+    try:
+        return CONFIG_MAPPING[BASE_MODEL_TYPES[model_type]].from_pretrained(folder, **overrides)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def _load_causal_lm(folder: Path, overrides: dict[str, Any]) -> PreTrainedModel:
     try:
-        config = AutoConfig.from_pretrained(folder, **overrides)
+        config = _read_config(folder, overrides)
         verbosity = hf_logging.get_verbosity()
         # Missing and mismatched weights are raised below; the load report would only repeat them.
         hf_logging.set_verbosity_error()

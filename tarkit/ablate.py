@@ -88,7 +88,8 @@ class AblateCommand(Command):
             variants = {name: variants[name] for name in args.variants}
         out = args.out or Path("outputs/ablations") / args.spec.stem
         if args.max_steps is not None:
-            extra.append(f"--trainer.max_steps={args.max_steps}")
+            # validate at the last step, so a budget below the recipe's validation interval still compares
+            extra += [f"--trainer.max_steps={args.max_steps}", f"--trainer.val_check_interval={args.max_steps}"]
         results: dict[str, dict[str, Any]] = {}
         for name, layers in variants.items():
             run_dir = out / name

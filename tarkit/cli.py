@@ -81,11 +81,11 @@ def _config_files(args: list[str]) -> list[Path]:
 
 def _lightning_cli(args: list[str], verbose: bool) -> None:
     from lightning.pytorch import LightningDataModule, LightningModule
-    from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+    from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
     from tarkit.recipe_paths import MissingStageError, check_inputs, resolve_root_paths
-    from tarkit.run_logging import default_callbacks, default_loggers
+    from tarkit.run_logging import default_callbacks, default_checkpoint, default_loggers
 
     if not verbose:
         quiet_lightning()
@@ -118,15 +118,21 @@ def _lightning_cli(args: list[str], verbose: bool) -> None:
             configure_threads(workers=int((data.get("init_args") or {}).get("num_workers") or 0))
 
         def instantiate_trainer(self, **kwargs):  # noqa: ANN201 (LightningCLI API)
-            # Runs leave curves: a recipe that keeps Lightning's default logger gets CSV (+ TensorBoard), the
-            # learning rate and throughput; a recipe that turns logging off gets none of them.
+            # Runs leave curves and something to resume from: a recipe that keeps Lightning's default logger
+            # gets CSV (+ TensorBoard), the learning rate and throughput, one that keeps checkpointing on gets
+            # <run>/checkpoints; a recipe that turns either off, or brings its own, is left alone.
             trainer = self._get(self.config_init, "trainer", default={})
+            run_dir = trainer.get("default_root_dir") or os.getcwd()
             callbacks = trainer.get("callbacks") or []
             callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
             if trainer.get("logger") in (None, True):
-                kwargs.setdefault("logger", default_loggers(trainer.get("default_root_dir") or os.getcwd()))
+                kwargs.setdefault("logger", default_loggers(run_dir))
             if kwargs.get("logger", trainer.get("logger")) not in (None, False):
                 callbacks += default_callbacks()
+            if trainer.get("enable_checkpointing") is not False and not any(
+                isinstance(c, ModelCheckpoint) for c in callbacks
+            ):
+                callbacks.append(default_checkpoint(run_dir))
             if trainer.get("enable_progress_bar") is not False and not any(
                 isinstance(c, ProgressBar) for c in callbacks
             ):
@@ -201,8 +207,22 @@ def _global_options(argv: list[str]) -> tuple[list[str], bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``tarkit``; returns the process exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Run ``tarkit``; returns the process exit status.
+
+    ``--root`` holds for this call only: an in-process caller (``tarkit demo`` running its stages, a test)
+    gets its environment back afterwards.
+    """
+    root_before = os.environ.get(ROOT_VARIABLE)
+    try:
+        return _run(list(sys.argv[1:] if argv is None else argv))
+    finally:
+        if root_before is None:
+            os.environ.pop(ROOT_VARIABLE, None)
+        else:
+            os.environ[ROOT_VARIABLE] = root_before
+
+
+def _run(argv: list[str]) -> int:
     warnings.formatwarning = _format_warning
     try:
         argv, verbose = _global_options(argv)

@@ -104,11 +104,11 @@ def images_to_batch(images: ImageInput | Sequence[ImageInput], size: int) -> tor
     if isinstance(images, (list, tuple)):
         if not images:
             raise ValueError(f"got an empty list of images; pass {IMAGE_INPUTS}")
-        return torch.cat([_image_to_batch(image, size, f"item {i} of the list") for i, image in enumerate(images)])
-    return _image_to_batch(images, size, "the image")
+        return torch.cat([_image_to_batch(image, size, f"item {i} of the list: ") for i, image in enumerate(images)])
+    return _image_to_batch(images, size)
 
 
-def _image_to_batch(image: Any, size: int, what: str) -> torch.Tensor:
+def _image_to_batch(image: Any, size: int, where: str = "") -> torch.Tensor:
     if isinstance(image, (str, os.PathLike)):
         image = _open_image(Path(image))
     if isinstance(image, Image.Image):
@@ -117,7 +117,7 @@ def _image_to_batch(image: Any, size: int, what: str) -> torch.Tensor:
         return _array_to_batch(image, size)
     if isinstance(image, torch.Tensor):
         return _tensor_to_batch(image, size)
-    raise TypeError(f"cannot read {what} ({type(image).__name__}) as an image; pass {IMAGE_INPUTS}")
+    raise TypeError(f"{where}cannot read a {type(image).__name__} as an image; pass {IMAGE_INPUTS}")
 
 
 def _open_image(path: Path) -> Image.Image:

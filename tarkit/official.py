@@ -33,14 +33,15 @@ def load_checkpoint(path: str | Path) -> Any:
         ) from err
 
 
-def read_official_file(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``(args, state_dict)`` of a reference ``{"model": {"args", "sd"}}`` file, loaded without unpickling code."""
+def read_official_spec(path: str | Path) -> tuple[str | None, dict[str, Any], dict[str, torch.Tensor]]:
+    """``(name, args, state_dict)`` of a reference ``{"model": {"name", "args", "sd"}}`` file, loaded without
+    unpickling code (``name`` is ``None`` where the file has none, as ``ta_tok.pth``)."""
     checkpoint = load_checkpoint(path)
     model = checkpoint.get("model") if isinstance(checkpoint, dict) else None
     if not isinstance(model, dict) or not isinstance(model.get("sd"), dict):
         found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise PretrainedLoadError(f"{path} is not in the reference layout {{'model': {{'args', 'sd'}}}}; found {found}")
-    return dict(model.get("args") or {}), model["sd"]
+    return model.get("name"), dict(model.get("args") or {}), model["sd"]
 
 
 def _require(state: dict[str, torch.Tensor], key: str, source: str) -> torch.Tensor:
@@ -225,7 +226,7 @@ def load_official_tatok(
     """
     from tarkit.tatok import TATok
 
-    args, state = read_official_file(path)
+    _, args, state = read_official_spec(path)
     source = str(path)
     bottleneck = _spec_args(args.get("bottleneck"), "bottleneck", source)
     regularizer = _spec_args(bottleneck.get("regularizer"), "simvq", source)

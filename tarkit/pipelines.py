@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,6 +50,14 @@ class UnseenScaleWarning(UserWarning):
     """The pipeline runs at a pool scale the LM was not trained on (allowed; expect worse results)."""
 
 
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first caller outside this module, so a warning points at the user's line."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__") == __name__:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def load_lm(path: PathLike, lm: str = "hf_causal_lm") -> LanguageModel:
     """A Tar LM folder through the registered LM plugin ``lm``."""
     return registry.get("tarkit.lms", lm).from_pretrained(os.fspath(path))
@@ -71,9 +80,9 @@ def recorded_tatok(settings: TarSettings, lm_folder: Path | None) -> Path | None
     return next((path for path in candidates if path.exists()), None)
 
 
-def _no_tatok(settings: TarSettings) -> Path:
+def _no_tatok_message(settings: TarSettings) -> str:
     recorded = "records no TA-Tok" if settings.tatok is None else f"records {settings.tatok.path}, which is gone"
-    raise ValueError(f"no tatok given and the LM {recorded}; pass tatok=<the TA-Tok folder it was trained with>")
+    return f"no tatok given and the LM {recorded}; pass tatok=<the TA-Tok folder it was trained with>"
 
 
 def is_detokenizer_folder(folder: Path) -> bool:
@@ -105,7 +114,7 @@ def find_detokenizer(bundle: Path) -> Path:
 def bundle_parts(bundle: PathLike, detokenizer: bool, given: Sequence[str] = ()) -> dict[str, Path]:
     """The folders a pipeline loads from a bundle (``lm/``, ``tatok/``, a de-tokenizer), except those ``given``.
 
-    Without ``tatok/`` the TA-Tok recorded by ``lm/`` is used when it exists.
+    Without ``tatok/`` the pipeline falls back on the TA-Tok the LM records.
     """
     folder = Path(bundle)
     if not folder.is_dir():
@@ -118,14 +127,12 @@ def bundle_parts(bundle: PathLike, detokenizer: bool, given: Sequence[str] = ())
             )
         parts["lm"] = folder / "lm"
     if "tatok" not in given:
-        tatok = folder / "tatok"
-        if not tatok.is_dir() and "lm" in parts:
-            tatok = recorded_tatok(read_settings(parts["lm"]), parts["lm"]) or tatok
-        if not tatok.exists():
+        if (folder / "tatok").is_dir():
+            parts["tatok"] = folder / "tatok"
+        elif "lm" in parts and recorded_tatok(read_settings(parts["lm"]), parts["lm"]) is None:
             raise FileNotFoundError(
                 f"no tatok/ in {folder} (and lm/ records no TA-Tok that exists); train it with recipes/tiny/tatok.yaml"
             )
-        parts["tatok"] = tatok
     if detokenizer and "detokenizer" not in given:
         parts["detokenizer"] = find_detokenizer(folder)
     return parts
@@ -166,7 +173,9 @@ class _TarPipeline:
         self.lm = load_lm(lm_folder) if lm_folder is not None else lm
         self.settings = read_settings(lm_folder) if lm_folder is not None else settings_of(self.lm.model)
         if tatok is None:
-            tatok = recorded_tatok(self.settings, lm_folder) or _no_tatok(self.settings)
+            tatok = recorded_tatok(self.settings, lm_folder)
+            if tatok is None:
+                raise ValueError(_no_tatok_message(self.settings))
         self.tatok = (load_tatok(tatok) if isinstance(tatok, (str, os.PathLike)) else tatok).eval()
         self.vocab: ImageVocabulary = self.lm.vocab  # a clear error if the LM lacks image tokens
         self._check_tatok()
@@ -198,7 +207,7 @@ class _TarPipeline:
             warnings.warn(
                 f"scale {scale} was never used in training this LM (train_scales {trained}); expect worse results",
                 UnseenScaleWarning,
-                stacklevel=3,
+                stacklevel=_caller_level(),
             )
         return scale
 

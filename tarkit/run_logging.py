@@ -1,8 +1,11 @@
-"""What every ``tarkit fit`` records unless its recipe says otherwise: curves and throughput.
+"""What every ``tarkit fit`` records unless its recipe says otherwise: curves, throughput, a checkpoint.
 
 A recipe that leaves ``trainer.logger`` at its default gets a CSV log (``<run>/csv/version_N/metrics.csv``)
 and, where ``tensorboard`` is installed, a TensorBoard log (``<run>/tensorboard/version_N``), ``<run>``
-being the trainer's ``default_root_dir``. Every run also logs its learning rate and throughput.
+being the trainer's ``default_root_dir``. Every logged run also logs its learning rate and throughput. A
+recipe that keeps checkpointing on and names no ``ModelCheckpoint`` gets one writing ``<run>/checkpoints``
+(every 100 steps and at the end, ``last.ckpt`` linking the newest), so ``--ckpt_path=last`` resumes it
+whatever version its logs are at.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.loggers.tensorboard import _TENSORBOARD_AVAILABLE
 
@@ -62,3 +65,8 @@ class ThroughputLogger(Callback):
 def default_callbacks() -> list[Callback]:
     """Learning rate (per step) and throughput."""
     return [LearningRateMonitor(logging_interval="step"), ThroughputLogger()]
+
+
+def default_checkpoint(run_dir: str, every_n_train_steps: int = 100) -> ModelCheckpoint:
+    """The newest checkpoint under ``run_dir/checkpoints``, refreshed every ``every_n_train_steps`` and at the end."""
+    return ModelCheckpoint(dirpath=f"{run_dir}/checkpoints", save_last="link", every_n_train_steps=every_n_train_steps)

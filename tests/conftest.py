@@ -37,3 +37,19 @@ def one_thread_in_commands():
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TARKIT_NUM_THREADS", "1")
         yield
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory):
+    """One QUICK demo per test session (about a minute): the trained folders the demo, README and pipeline
+    tests read. Laid out as `tarkit demo` writes it: <out>/checkpoints/<stage>, <out>/runs/<stage>."""
+    from pathlib import Path
+
+    from tarkit.cli import main
+
+    out = tmp_path_factory.mktemp("demo")
+    recipes = Path(__file__).resolve().parents[1] / "recipes" / "tiny"
+    status = main(["demo", "--quick", "--out", str(out), "--recipes", str(recipes),
+                   "--prompts", "4", "--images", "3", "--candidates", "2", "--batch-size", "4"])
+    assert status == 0
+    return out

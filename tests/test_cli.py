@@ -130,3 +130,63 @@ def test_unknown_part_names_group_and_available(recipe, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0
     assert "unknown part 'lerned' for tarkit.codebooks (available: learned, " in err
+
+
+def test_listing_the_commands_imports_no_heavy_library():
+    code = "import sys; from tarkit.cli import main; main(['--help']); main(['plugins']);" + (
+        "heavy = sorted({'torch', 'lightning', 'transformers'} & set(sys.modules)); assert not heavy, heavy"
+    )
+    result = run(sys.executable, "-c", code)
+    assert result.returncode == 0, result.stderr
+
+
+TEACHER = str(Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "teacher.yaml")
+
+
+def logged(run_dir):
+    """The rows of every CSV log of a run, oldest version first."""
+    rows = []
+    for metrics in sorted((run_dir / "csv").glob("version_*/metrics.csv")):
+        header, *lines = metrics.read_text().splitlines()
+        rows += [dict(zip(header.split(","), line.split(","), strict=True)) for line in lines]
+    return rows
+
+
+def test_a_tiny_fit_leaves_curves_and_a_checkpoint_it_resumes_from(tmp_path):
+    args = ["--root", str(tmp_path), "fit", "--config", TEACHER, "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    main([*args, "--trainer.max_steps=12"])
+    assert "TARKIT_ROOT" not in os.environ  # --root held for that call only
+    run_dir = tmp_path / "runs" / "teacher"
+    rows = logged(run_dir)
+    columns = {key for row in rows for key, value in row.items() if value}
+    assert {"train/loss", "train/retrieval_acc", "lr-AdamW", "train/samples_per_sec"} <= columns
+    losses = [float(row["train/loss"]) for row in rows if row.get("train/loss")]
+    assert len(losses) >= 1 and all(loss > 0 for loss in losses)
+    assert list((run_dir / "tensorboard").glob("version_0/events.out.tfevents.*"))
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    assert (tmp_path / "checkpoints" / "teacher" / "model.safetensors").is_file()
+
+    main([*args, "--trainer.max_steps=20", "--ckpt_path=last"])
+    resumed = [row for row in logged(run_dir)[len(rows):] if row.get("train/loss")]
+    assert resumed and min(int(row["step"]) for row in resumed) >= 12  # continued, not restarted
+
+
+def test_runs_are_quiet_unless_verbose(tmp_path):
+    args = ["fit", "--config", TEACHER, "--trainer.fast_dev_run=1"]
+    quiet = run(TARKIT, "--root", str(tmp_path), *args)
+    assert quiet.returncode == 0, quiet.stderr
+    for noise in ("Tip:", "GPU available", "LeafSpec", "module(s) in eval mode", "Seed set"):
+        assert noise not in quiet.stdout + quiet.stderr
+    verbose = run(TARKIT, "--verbose", "--root", str(tmp_path), *args)
+    assert verbose.returncode == 0 and "GPU available" in verbose.stdout + verbose.stderr
+
+
+def test_a_missing_stage_is_one_line_naming_its_recipe(tmp_path):
+    result = run(TARKIT, "--root", str(tmp_path), "fit", "--config", TEACHER.replace("teacher", "tatok"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"tarkit: error: model.init_args.encoder.init_args.pretrained: root:checkpoints/teacher "
+        f"({tmp_path}/checkpoints/teacher) does not exist; make it with `tarkit fit --config {TEACHER}`, or point "
+        "--root (TARKIT_ROOT) at a root that has it"
+    ]

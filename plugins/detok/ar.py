@@ -45,7 +45,7 @@ from torch.nn import functional as F
 
 from tarkit.generation import sample_next
 from tarkit.interfaces import DeTokenizer
-from tarkit.official import read_official_file
+from tarkit.official import read_official_spec
 from tarkit.pretrained import PretrainedLoadError, check_state_dict
 from tarkit_plugins.detok.pixel_vq import PixelVQ, load_pixel_vq
 
@@ -387,38 +387,75 @@ class AutoregressiveDeTokenizer(DeTokenizer):
         return self.vq.decode_indices(self.sample_codes(condition, cfg_scale, generator, temperature, top_k, top_p))
 
 
-# Attention heads are the one shape the weights cannot tell: LlamaGen's GPT sizes (B, L, LP/XL, XXL, XXXL, S).
-KNOWN_HEADS = {384: 6, 768: 12, 1024: 16, 1280: 20, 1536: 24, 2560: 40}
+# The reference's GPT sizes by the file's "name" (LlamaGen's llama-abs-*): width and attention heads, the one shape
+# the weights cannot tell. Its depth is read from the weights.
+AR_MODEL_NAMES = {
+    "llama-abs-S": (384, 6),
+    "llama-abs-B": (768, 12),
+    "llama-abs-L": (1024, 16),
+    "llama-abs-LP": (1280, 20),
+    "llama-abs-XL": (1280, 20),
+    "llama-abs-XXL": (1536, 24),
+    "llama-abs-XXXL": (2560, 40),
+}
+KNOWN_HEADS = dict(AR_MODEL_NAMES.values())
+# The reference's ModelArgs (float) that tarkit's ARConfig takes, under its own names.
+ARG_NAMES = {
+    "token_dropout_p": "token_dropout",
+    "attn_dropout_p": "attn_dropout",
+    "resid_dropout_p": "resid_dropout",
+    "ffn_dropout_p": "ffn_dropout",
+    "class_dropout_prob": "condition_dropout",
+    "norm_eps": "norm_eps",
+}
 
 
-def load_official_ar_detokenizer(
-    path: str | Path,
-    vq: PixelVQ | str,
-    image_size: int | None = None,
-    config: dict[str, Any] | None = None,
-) -> AutoregressiveDeTokenizer:
-    """An :class:`AutoregressiveDeTokenizer` from the reference's ``ar_dtok_*.pth`` (a local file, read with
-    ``weights_only=True``) and its pixel VQ (``vq_ds16_t2i.pt``, a tarkit VQ folder or instance).
+def _official_heads(name: str | None, width: int, config: dict[str, Any], source: str) -> int:
+    """Attention heads: ``config``'s, else the named size's (whose width must be the weights'), else the width's."""
+    if config.get("heads"):
+        return int(config["heads"])
+    if name in AR_MODEL_NAMES:
+        named_width, heads = AR_MODEL_NAMES[name]
+        if named_width != width:
+            raise PretrainedLoadError(
+                f"{source} is named {name!r} (width {named_width}) but its weights are {width} wide; is it damaged?"
+            )
+        return heads
+    if width not in KNOWN_HEADS:
+        raise PretrainedLoadError(
+            f"{source}: cannot tell the attention heads of {name!r} from width {width}; pass config={{'heads': N}}"
+        )
+    return KNOWN_HEADS[width]
 
-    The shape is read from the weights (width, depth, vocabulary, SwiGLU width, condition width, prefix length);
-    heads come from ``config``, else the width (LlamaGen's sizes). The number of codes is ``args["max_seq_len"]``
-    (else ``abs_pe`` minus ``args["cls_token_num"]``, default 729), which also sets ``image_size`` when it is not
-    given. Missing, unexpected or wrongly shaped weights raise one :class:`PretrainedLoadError` naming them.
-    """
-    args, state = read_official_file(path)
-    source = str(path)
 
-    def require(key: str) -> torch.Tensor:
-        if key not in state:
-            raise PretrainedLoadError(f"{source}: missing key {key}; is this an ar_dtok checkpoint?")
-        return state[key]
+def _check_official_args(args: dict[str, Any], heads: int, source: str) -> None:
+    """Refuse the reference's variants tarkit does not implement: it is the ``clip_cond`` GPT, one KV head per head."""
+    if args.get("model_type", "clip_cond") != "clip_cond":
+        raise PretrainedLoadError(
+            f"{source} is a {args['model_type']!r} model; only 'clip_cond' (conditioned on features) is supported"
+        )
+    if args.get("frame_prediction"):
+        raise PretrainedLoadError(f"{source} is a frame-prediction model, which tarkit does not support")
+    if args.get("n_kv_head") not in (None, heads):
+        raise PretrainedLoadError(f"{source} has {args['n_kv_head']} KV heads for {heads} heads; tarkit has no GQA")
 
-    vocab, width = require("tok_embeddings.weight").shape
-    positions = require("abs_pe").shape[1]
+
+def _code_grid(args: dict[str, Any], positions: int, source: str) -> tuple[int, int]:
+    """``(codes per image, condition tokens)`` from ``args`` and the ``abs_pe`` length (``prefix + codes - 1``)."""
     codes = int(args.get("max_seq_len") or positions - int(args.get("cls_token_num", 729)) + 1)
-    grid = math.isqrt(max(codes, 0))
-    if codes < 1 or grid * grid != codes:
+    prefix = positions - codes + 1
+    if codes < 1 or math.isqrt(codes) ** 2 != codes:
         raise PretrainedLoadError(f"{source}: {codes} image codes per image do not form a square grid")
+    if prefix < 1 or int(args.get("cls_token_num", prefix)) != prefix:
+        raise PretrainedLoadError(
+            f"{source}: abs_pe holds {positions} positions, not cls_token_num {args.get('cls_token_num')} + "
+            f"max_seq_len {codes} - 1; the file's args do not match its weights"
+        )
+    return codes, prefix
+
+
+def _official_vq(vq: PixelVQ | str, image_size: int | None, grid: int, vocab: int, source: str) -> PixelVQ:
+    """The pixel VQ at the size whose code grid the GPT generates; it must have the GPT's codebook."""
     vq_model = load_pixel_vq(vq)
     vq_model = load_pixel_vq(vq_model, image_size or grid * vq_model.downsample)
     if vq_model.grid_size != grid:
@@ -430,23 +467,51 @@ def load_official_ar_detokenizer(
         raise PretrainedLoadError(
             f"{source} predicts {vocab} codes but the VQ has {vq_model.codebook_size}; pass the VQ it was trained on"
         )
-    heads = (config or {}).get("heads") or args.get("n_head") or KNOWN_HEADS.get(width)
-    if heads is None:
-        raise PretrainedLoadError(
-            f"{source}: cannot tell the attention heads from width {width}; pass config={{'heads': N}}"
-        )
+    return vq_model
+
+
+def load_official_ar_detokenizer(
+    path: str | Path,
+    vq: PixelVQ | str,
+    image_size: int | None = None,
+    config: dict[str, Any] | None = None,
+) -> AutoregressiveDeTokenizer:
+    """An :class:`AutoregressiveDeTokenizer` from the reference's ``ar_dtok_*.pth`` (a local file, read with
+    ``weights_only=True``) and its pixel VQ (``vq_ds16_t2i.pt``, a tarkit VQ folder or instance).
+
+    The file is ``{"model": {"name", "args", "sd"}}`` as ``ARModel.from_checkpoint`` reads it. Width, depth,
+    vocabulary, SwiGLU width, condition width and prefix length are read from the weights; the heads from
+    ``config``, else the ``name``'s size (``llama-abs-LP``: 20), else the width. The number of codes is
+    ``args["max_seq_len"]`` (else ``abs_pe`` minus ``args["cls_token_num"]``, default 729), which also sets
+    ``image_size`` when it is not given; ``norm_eps`` and the dropouts (``*_dropout_p``, ``class_dropout_prob``)
+    come from ``args``. Only the ``clip_cond`` model type is supported. Missing, unexpected or wrongly shaped
+    weights raise one :class:`PretrainedLoadError` naming them.
+    """
+    name, args, state = read_official_spec(path)
+    source, config = str(path), dict(config or {})
+
+    def require(key: str) -> torch.Tensor:
+        if key not in state:
+            raise PretrainedLoadError(f"{source}: missing key {key}; is this an ar_dtok checkpoint?")
+        return state[key]
+
+    vocab, width = require("tok_embeddings.weight").shape
+    heads = _official_heads(name, width, config, source)
+    _check_official_args(args, heads, source)
+    codes, prefix = _code_grid(args, require("abs_pe").shape[1], source)
+    vq_model = _official_vq(vq, image_size, math.isqrt(codes), vocab, source)
     depth = 1 + max((int(m.group(1)) for k in state if (m := re.match(r"layers\.(\d+)\.", k))), default=-1)
     architecture = {
         "width": width,
         "depth": depth,
         "heads": heads,
         "mlp_hidden": require("layers.0.feed_forward.w1.weight").shape[0] if depth else None,
-        "norm_eps": float(args.get("norm_eps", 1e-5)),
-        "max_condition_tokens": positions - codes + 1,
+        "max_condition_tokens": prefix,
         "positions": "absolute",
+        **{ours: float(args[theirs]) for theirs, ours in ARG_NAMES.items() if theirs in args},
     }
     model = AutoregressiveDeTokenizer(
-        vq_model, require("clip_proj.weight").shape[1], preset=None, config={**architecture, **(config or {})}
+        vq_model, require("clip_proj.weight").shape[1], preset=None, config={**architecture, **config}
     )
     full = {**state, **{f"vq.{key}": value for key, value in vq_model.state_dict().items()}}
     check_state_dict(model, full, source)

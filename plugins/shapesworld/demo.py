@@ -26,6 +26,7 @@ from tarkit.ablate import last_logged
 from tarkit.cli import main as tarkit_main
 from tarkit.commands import CommandError
 from tarkit.pipelines import ImageToText, TextToImage
+from tarkit.settings import record_generation_defaults
 from tarkit_plugins.shapesworld.report import evaluate_i2t, evaluate_t2i, labelled_grid, write_report
 from tarkit_plugins.shapesworld.world import SceneSampler
 
@@ -82,13 +83,26 @@ def headline(out: Path, stage: Stage) -> str:
 
 
 def run_stages(recipes: Path, out: Path, quick: bool, force: bool) -> dict[str, float]:
-    """Train every stage whose folder is missing (or all with ``force``); returns seconds per stage."""
+    """Train every stage whose folder is missing (all with ``force``); returns seconds per stage.
+
+    ``<out>/stages.json`` records each stage's budget: a folder trained with another budget (a ``--quick``
+    folder met by a full run, or the reverse) is neither reused as if it were this run's nor overwritten.
+    """
+    record_file = out / "stages.json"
+    record = json.loads(record_file.read_text()) if record_file.is_file() else {}
     seconds = {}
     for stage in STAGES:
         folder = out / "checkpoints" / stage.name
+        steps = stage.quick_steps if quick else stage.steps
+        trained = record.get(stage.name, {}).get("steps", steps)  # folders from before the record: reuse
         if (folder / "config.json").is_file() and not force:
-            print(f"[demo] {stage.name:<9} reused {folder}", flush=True)
-            continue
+            if trained == steps:
+                print(f"[demo] {stage.name:<9} reused {folder}", flush=True)
+                continue
+            raise CommandError(
+                f"{folder} was trained for {trained} steps, this run asks {steps}; pass --force to retrain it or "
+                "choose another --out"
+            )
         if not (recipes / stage.recipe).is_file():
             raise CommandError(f"recipe {recipes / stage.recipe} not found; run from the repo root or set --recipes")
         start = time.perf_counter()
@@ -97,8 +111,11 @@ def run_stages(recipes: Path, out: Path, quick: bool, force: bool) -> dict[str, 
         except SystemExit as err:  # LightningCLI exits on bad arguments; the message is already printed
             status = err.code
         if status:
-            raise CommandError(f"stage {stage.name} failed (exit status {status}); its recipe is {recipes / stage.recipe}")
+            recipe = recipes / stage.recipe
+            raise CommandError(f"stage {stage.name} failed (exit status {status}); its recipe is {recipe}")
         seconds[stage.name] = round(time.perf_counter() - start, 1)
+        record[stage.name] = {"steps": steps, "seconds": seconds[stage.name]}
+        record_file.write_text(json.dumps(record, indent=2) + "\n")
         print(f"[demo] {stage.name:<9} {seconds[stage.name]:7.1f} s  {headline(out, stage)}", flush=True)
     return seconds
 
@@ -106,19 +123,16 @@ def run_stages(recipes: Path, out: Path, quick: bool, force: bool) -> dict[str, 
 def evaluate(out: Path, args: argparse.Namespace) -> dict[str, object]:
     checkpoints = out / "checkpoints"
     torch.manual_seed(args.seed)
-    t2i = TextToImage(
-        str(checkpoints / "lm"),
-        str(checkpoints / "tatok"),
-        str(checkpoints / "ar_detok"),
-        scale=args.scale,
-        cfg_scale=args.cfg_scale,
-        candidates=args.candidates,
+    t2i = TextToImage.from_pretrained(
+        checkpoints, scale=args.scale, cfg_scale=args.cfg_scale, candidates=args.candidates
     )
     i2t = ImageToText(t2i.lm, t2i.tatok, scale=args.scale)
     sampler = SceneSampler("heldout", seed=args.seed + 2024)
     geneval, samples = evaluate_t2i(t2i, sampler, args.prompts, args.batch_size, args.seed)
     pope, caption = evaluate_i2t(i2t, sampler, args.images, args.batch_size)
     labelled_grid(samples[:24]).save(out / "samples.png")
+    # The LM folder now says how it was evaluated: the pipelines' defaults when it is loaded again.
+    record_generation_defaults(checkpoints / "lm", scale=args.scale, cfg_scale=args.cfg_scale)
     return {"geneval": geneval, "pope": pope, "caption": caption}
 
 

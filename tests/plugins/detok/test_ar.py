@@ -1,11 +1,14 @@
 """The AR de-tokenizer: sampling (KV cache, guidance), condition dropout, save/load, the reference's checkpoint
 layout, and the tiny recipe under ``tarkit fit``."""
 
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
+from torch.nn import functional as F
 
 from tarkit.autoencoder import load_detokenizer
 from tarkit.cli import main
@@ -131,39 +134,105 @@ def test_saved_folder_reloads_without_the_vq_folder(tmp_path):
     assert torch.equal(loaded.vq.quantize.embedding.weight, detok.vq.quantize.embedding.weight)
 
 
-def reference_gpt_keys(depth: int) -> set[str]:
-    """The reference ar_dtok's parameter names (LlamaGen GPT naming with ``clip_proj`` and ``abs_pe``)."""
-    layer = ["attention.wqkv.weight", "attention.wo.weight", "attention_norm.weight", "ffn_norm.weight"]
-    layer += ["feed_forward.w1.weight", "feed_forward.w2.weight", "feed_forward.w3.weight"]
-    keys = {"clip_proj.weight", "clip_proj.bias", "tok_embeddings.weight", "norm.weight", "output.weight", "abs_pe"}
-    return keys | {f"layers.{i}.{name}" for i in range(depth) for name in layer}
+class ReferenceBlock(nn.Module):
+    """One block of the reference's GPT under its names (tok/ar_dtok/ar_model.py ``TransformerBlock``)."""
+
+    def __init__(self, width: int, heads: int, hidden: int):
+        super().__init__()
+        self.heads = heads
+        self.attention = nn.Module()
+        self.attention.wqkv = nn.Linear(width, 3 * width, bias=False)
+        self.attention.wo = nn.Linear(width, width, bias=False)
+        self.feed_forward = nn.Module()
+        self.feed_forward.w1 = nn.Linear(width, hidden, bias=False)
+        self.feed_forward.w3 = nn.Linear(width, hidden, bias=False)
+        self.feed_forward.w2 = nn.Linear(hidden, width, bias=False)
+        self.attention_norm = nn.RMSNorm(width, eps=1e-5)
+        self.ffn_norm = nn.RMSNorm(width, eps=1e-5)
+
+    def forward(self, x):
+        qkv = self.attention.wqkv(self.attention_norm(x)).chunk(3, dim=-1)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in qkv)
+        h = x + self.attention.wo(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2))
+        normed, ff = self.ffn_norm(h), self.feed_forward
+        return h + ff.w2(F.silu(ff.w1(normed)) * ff.w3(normed))
 
 
-def write_official_ar(path: Path, detok: AutoregressiveDeTokenizer, **args) -> dict[str, torch.Tensor]:
-    state = {k: torch.randn_like(v) for k, v in detok.state_dict().items() if not k.startswith("vq.")}
+class ReferenceGPT(nn.Module):
+    """The reference's ``clip_cond`` ARModel under its names, and its forward (the oracle): condition features
+    through ``clip_proj`` as the prefix, codes after it, learned absolute positions over the whole sequence."""
+
+    def __init__(self, width=32, depth=2, heads=2, hidden=64, vocab=32, cond_dim=12, prefix=16, codes=16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.clip_proj = nn.Linear(cond_dim, width)
+        self.tok_embeddings = nn.Embedding(vocab, width)
+        self.layers = nn.ModuleList(ReferenceBlock(width, heads, hidden) for _ in range(depth))
+        self.norm = nn.RMSNorm(width, eps=1e-5)
+        self.output = nn.Linear(width, vocab, bias=False)
+        self.abs_pe = nn.Parameter(torch.randn(1, prefix + codes - 1, width) * 0.02)
+        with torch.no_grad():
+            for parameter in self.parameters():
+                parameter.add_(torch.randn_like(parameter) * 0.1)
+
+    @torch.no_grad()
+    def logits(self, cond, codes):
+        h = torch.cat([self.clip_proj(cond), self.tok_embeddings(codes[:, :-1])], dim=1)
+        h = h + self.abs_pe[:, : h.shape[1]]
+        for layer in self.layers:
+            h = layer(h)
+        return self.output(self.norm(h))[:, cond.shape[1] - 1 :]
+
+    def greedy(self, cond, cfg_scale, steps=16):
+        """The reference's sampling at top_k=1, recomputed in full each step: guidance against zero features."""
+        codes = torch.zeros(len(cond), 0, dtype=torch.long)
+        for step in range(steps):
+            padded = torch.cat([codes, codes.new_zeros(len(cond), 1)], dim=1)
+            logits = self.logits(cond, padded)[:, step]
+            if cfg_scale > 1:
+                uncond = self.logits(torch.zeros_like(cond), padded)[:, step]
+                logits = uncond + (logits - uncond) * cfg_scale
+            codes = torch.cat([codes, logits.argmax(-1, keepdim=True)], dim=1)
+        return codes
+
+
+def save_official_ar(path: Path, gpt: nn.Module, name: str = "llama-abs-tiny", **args) -> dict[str, torch.Tensor]:
+    """``ar_dtok_*.pth`` as ``ARModel.from_checkpoint`` reads it: ``{"model": {"name", "args", "sd"}}``."""
+    state = {k: v.clone() for k, v in gpt.state_dict().items()}
     spec_args = {"vocab_size": 32, "cls_token_num": 16, "model_type": "clip_cond", "cond_dim": 12, **args}
-    torch.save({"model": {"name": "llama-abs-S", "args": spec_args, "sd": state}}, path)
+    torch.save({"model": {"name": name, "args": spec_args, "sd": state}}, path)
     return state
 
 
-def test_official_checkpoint_layout_loads_key_by_key(tmp_path):
-    vq, detok = micro_vq(), tiny()
-    gpt_keys = {k for k in detok.state_dict() if not k.startswith("vq.")}
-    assert gpt_keys == reference_gpt_keys(2)
-    state = write_official_ar(tmp_path / "ar_dtok_lp_16px.pth", detok, max_seq_len=16)
-    loaded = load_official_ar_detokenizer(tmp_path / "ar_dtok_lp_16px.pth", vq, config={"heads": 2}).eval()
-    assert loaded.config.width == 32 and loaded.config.depth == 2 and loaded.config.max_condition_tokens == 16
-    assert loaded.config.mlp_hidden == 64 and loaded.condition_dim == 12 and loaded.image_size == 16
-    assert torch.equal(loaded.abs_pe, state["abs_pe"])
-    detok.load_state_dict({**state, **{f"vq.{k}": v for k, v in vq.state_dict().items()}})
-    cond, codes = condition(), torch.randint(0, 32, (2, 16))
-    assert torch.equal(loaded.logits(cond, codes), detok.logits(cond, codes))
+def test_official_checkpoint_gives_the_reference_logits_and_guided_codes(tmp_path):
+    gpt = ReferenceGPT()
+    save_official_ar(tmp_path / "ar_dtok_lp_16px.pth", gpt, max_seq_len=16, class_dropout_prob=0.2)
+    loaded = load_official_ar_detokenizer(tmp_path / "ar_dtok_lp_16px.pth", micro_vq(), config={"heads": 2}).eval()
+    assert (loaded.config.width, loaded.config.depth, loaded.config.mlp_hidden) == (32, 2, 64)
+    assert loaded.config.max_condition_tokens == 16 and loaded.config.condition_dropout == 0.2
+    assert loaded.condition_dim == 12 and loaded.image_size == 16
+    cond, codes = condition(), torch.randint(0, 32, (2, 16), generator=seeded())
+    torch.testing.assert_close(loaded.logits(cond, codes), gpt.logits(cond, codes))
+    for tokens in (16, 9):  # the reference shortens its prefix to 169/81 tokens at the smaller scales
+        short = cond[:, :tokens]
+        assert torch.equal(loaded.sample_codes(short, cfg_scale=4.0, top_k=1), gpt.greedy(short, 4.0))
+
+
+def test_the_files_name_gives_the_heads(tmp_path):
+    gpt = ReferenceGPT(width=384, depth=1, heads=6, hidden=1024)  # llama-abs-S's width and heads, one layer
+    save_official_ar(tmp_path / "ar.pth", gpt, name="llama-abs-S", max_seq_len=16)
+    loaded = load_official_ar_detokenizer(tmp_path / "ar.pth", micro_vq()).eval()
+    assert loaded.config.heads == 6
+    cond, codes = condition(), torch.randint(0, 32, (2, 16), generator=seeded())
+    torch.testing.assert_close(loaded.logits(cond, codes), gpt.logits(cond, codes))
+    save_official_ar(tmp_path / "misnamed.pth", ReferenceGPT(), name="llama-abs-S", max_seq_len=16)
+    with pytest.raises(PretrainedLoadError, match="named 'llama-abs-S' \\(width 384\\) but its weights are 32 wide"):
+        load_official_ar_detokenizer(tmp_path / "misnamed.pth", micro_vq())
 
 
 def test_official_loader_infers_the_image_size_from_the_code_count(tmp_path):
     vq = micro_vq()
-    bigger = AutoregressiveDeTokenizer(micro_vq(), 12, None, MICRO_GPT, image_size=32)  # absolute, 8 x 8 codes
-    write_official_ar(tmp_path / "ar.pth", bigger, max_seq_len=64)
+    save_official_ar(tmp_path / "ar.pth", ReferenceGPT(codes=64), max_seq_len=64)  # 8 x 8 codes
     loaded = load_official_ar_detokenizer(tmp_path / "ar.pth", vq, config={"heads": 2})
     assert loaded.image_size == 32 and loaded.num_image_tokens == 64
     with pytest.raises(PretrainedLoadError, match="leave image_size unset or pass 32"):
@@ -171,25 +240,29 @@ def test_official_loader_infers_the_image_size_from_the_code_count(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("tamper", "message"),
+    ("tamper", "args", "message"),
     [
-        (lambda s: s.update({"layers.1.attention.wo.weight": torch.zeros(32, 16)}), "layers.1.attention.wo.weight"),
-        (lambda s: s.pop("clip_proj.weight"), "missing key clip_proj.weight"),
-        (lambda s: s.update({"tok_embeddings.weight": torch.zeros(99, 32)}), "predicts 99 codes but the VQ has 32"),
+        (lambda s: s.update({"layers.1.attention.wo.weight": torch.zeros(32, 16)}), {}, "layers.1.attention.wo.weight"),
+        (lambda s: s.pop("clip_proj.weight"), {}, "missing key clip_proj.weight"),
+        (lambda s: s.update({"tok_embeddings.weight": torch.zeros(99, 32)}), {}, "predicts 99 codes but the VQ has 32"),
+        (lambda s: None, {"cls_token_num": 9}, "abs_pe holds 31 positions, not cls_token_num 9 \\+ max_seq_len 16"),
+        (lambda s: None, {"model_type": "indice_cond"}, "'indice_cond' model; only 'clip_cond'"),
+        (lambda s: None, {"n_kv_head": 1}, "1 KV heads for 2 heads"),
     ],
 )
-def test_wrong_official_checkpoint_is_a_clear_one_line_error(tmp_path, tamper, message):
-    state = write_official_ar(tmp_path / "ar.pth", tiny())
+def test_wrong_official_checkpoint_is_a_clear_one_line_error(tmp_path, tamper, args, message):
+    state = save_official_ar(tmp_path / "ar.pth", ReferenceGPT())
     tamper(state)
-    torch.save({"model": {"name": "llama-abs-S", "args": {"max_seq_len": 16}, "sd": state}}, tmp_path / "ar.pth")
+    spec_args = {"cls_token_num": 16, "max_seq_len": 16, **args}
+    torch.save({"model": {"name": "llama-abs-tiny", "args": spec_args, "sd": state}}, tmp_path / "ar.pth")
     with pytest.raises(PretrainedLoadError) as error:
         load_official_ar_detokenizer(tmp_path / "ar.pth", micro_vq(), config={"heads": 2})
-    assert message in str(error.value) and "\n" not in str(error.value)
+    assert re.search(message, str(error.value)) and "\n" not in str(error.value)
 
 
 def test_unknown_width_needs_heads(tmp_path):
-    write_official_ar(tmp_path / "ar.pth", tiny(), max_seq_len=16)
-    with pytest.raises(PretrainedLoadError, match="cannot tell the attention heads from width 32"):
+    save_official_ar(tmp_path / "ar.pth", ReferenceGPT(), max_seq_len=16)
+    with pytest.raises(PretrainedLoadError, match="cannot tell the attention heads of 'llama-abs-tiny' from width 32"):
         load_official_ar_detokenizer(tmp_path / "ar.pth", micro_vq())
 
 

@@ -1,14 +1,16 @@
 """The unified LM trains under `tarkit fit`, exports a Tar HF folder, and the pipelines run on it."""
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, Qwen2ForCausalLM
+from transformers import AutoTokenizer, GenerationConfig, Qwen2ForCausalLM
 
 from tarkit.cli import main
 from tarkit.pipelines import ImageToText, TextToImage
 from tarkit.prompts import IGNORE_INDEX
+from tarkit.settings import GenerationDefaults, TarSettings, TATokRecord, read_settings
 from tarkit.tatok import TATok
 from tarkit.vocab import VocabularyError
 from tarkit_plugins.codebooks import LearnedCodebook
@@ -48,8 +50,17 @@ def test_fit_exports_a_folder_plain_transformers_loads(tar_dir):
     assert model.get_input_embeddings().weight.shape[0] >= tokenizer.convert_tokens_to_ids("<I31>") + 1
 
 
-def test_pipelines_run_on_the_exported_folder(tar_dir, tatok_dir):
-    t2i = TextToImage(str(tar_dir), str(tatok_dir), scale=2, cfg_scale=3.0)
+def test_the_exported_folder_records_its_training(tar_dir, tatok_dir):
+    record = TATokRecord(str(tatok_dir), os.path.relpath(tatok_dir, tar_dir), [1, 2, 3], 32)
+    assert read_settings(tar_dir) == TarSettings(
+        train_scales=[2], tatok=record, generation=GenerationDefaults(scale=2, cfg_scale=1.0)
+    )
+    assert GenerationConfig.from_pretrained(tar_dir).tar["train_scales"] == [2]
+
+
+def test_pipelines_run_on_the_exported_folder_with_its_defaults(tar_dir, tatok_dir):
+    t2i = TextToImage(str(tar_dir), cfg_scale=3.0)  # the TA-Tok and the scale come from the folder's record
+    assert t2i.scale == 2 and t2i.tatok.num_codes == 32
     codes = t2i.generate_codes(["a photo of a red circle"], generator=torch.Generator().manual_seed(0))[0]
     assert codes.shape == (36,) and 0 <= codes.min() and codes.max() < 32
     i2t = ImageToText(str(tar_dir), str(tatok_dir))

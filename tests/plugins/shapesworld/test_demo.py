@@ -20,15 +20,6 @@ def test_captions_are_read_as_colour_shape_pairs():
     assert scores == {"attribute_recall": 2 / 3, "attribute_precision": 2 / 3, "exact": 0.0}
 
 
-@pytest.fixture(scope="module")
-def quick_demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    status = main(["demo", "--quick", "--out", str(out), "--recipes", str(ROOT / "recipes/tiny"),
-                   "--prompts", "4", "--images", "3", "--candidates", "2", "--batch-size", "4"])
-    assert status == 0
-    return out
-
-
 def in_unit_range(values):
     return all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in values)
 
@@ -53,15 +44,14 @@ def test_quick_demo_writes_report_grid_and_metrics(quick_demo):
 def test_demo_reuses_finished_stages_and_predict_reads_its_checkpoints(quick_demo, capsys, tmp_path):
     status = main(["demo", "--quick", "--out", str(quick_demo), "--recipes", str(ROOT / "recipes/tiny"),
                    "--prompts", "1", "--images", "1", "--candidates", "1"])
-    assert status == 0 and capsys.readouterr().out.count("reusing") == 5
-    checkpoints = quick_demo / "checkpoints"
+    assert status == 0 and capsys.readouterr().out.count("reused") == 5
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"tag": "single_object", "include": [{"class": "circle", "count": 1}],
                                    "prompt": "a photo of a red circle"}) + "\n")
-    main(["predict", "--config", str(ROOT / "recipes/tiny/lm.yaml"),
-          f"--model.init_args.tatok={checkpoints / 'tatok'}",
-          f"--model.init_args.lm.init_args.pretrained={checkpoints / 'lm'}",
-          f"--model.init_args.detokenizer={checkpoints / 'ar_detok'}",
+    # The demo's folder is a root like outputs/tiny: the recipe reads its stages with --root alone.
+    main(["--root", str(quick_demo), "predict", "--config", str(ROOT / "recipes/tiny/lm.yaml"),
+          "--model.init_args.lm.init_args.pretrained=root:checkpoints/lm",
+          "--model.init_args.detokenizer=root:checkpoints/ar_detok",
           f"--model.init_args.predict_dir={tmp_path / 'out'}",
           "--data=prompts", f"--data.init_args.path={prompts}"])
     assert len(list((tmp_path / "out" / "00000" / "samples").glob("*.png"))) == 1
@@ -73,3 +63,14 @@ def test_bad_demo_arguments_stop_before_training_with_one_line(tmp_path, capsys)
     assert err == ["tarkit demo: error: --prompts, --images, --candidates and --batch-size must be positive"]
     assert main(["demo", "--out", str(tmp_path), "--recipes", str(tmp_path / "none")]) == 2
     assert "not found" in capsys.readouterr().err and not (tmp_path / "checkpoints").exists()
+
+
+def test_a_stage_trained_with_another_budget_is_neither_reused_nor_overwritten(tmp_path, capsys):
+    folder = tmp_path / "checkpoints" / "teacher"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (tmp_path / "stages.json").write_text(json.dumps({"teacher": {"steps": 20}}))
+    assert main(["demo", "--out", str(tmp_path), "--recipes", str(ROOT / "recipes/tiny")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trained for 20 steps, this run asks 400; pass --force" in err[0]
+    assert (folder / "config.json").read_text() == "{}"

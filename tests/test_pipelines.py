@@ -1,0 +1,316 @@
+"""The pipelines take what users pass (paths, PIL, numpy, tensors, lists), default to what the LM folder records,
+and load from one bundle folder; anything they refuse is refused in one line that says what to pass."""
+
+import os
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import tarkit.pipelines as pipelines
+from tarkit.data import IMAGE_INPUTS, images_to_batch
+from tarkit.pipelines import ImageToText, TextToImage, UnseenScaleWarning, recorded_tatok
+from tarkit.settings import GenerationDefaults, TarSettings, TATokRecord, read_settings, tatok_record, write_settings
+from tarkit.tatok import TATok
+from tarkit_plugins.codebooks import LearnedCodebook
+from tarkit_plugins.detok.ar import AutoregressiveDeTokenizer
+from tarkit_plugins.detok.pixel_vq import PixelVQ
+from tarkit_plugins.encoders import SigLIP2Encoder
+from tarkit_plugins.lms import HFCausalLM
+from tarkit_plugins.quantizers import SimVQ
+
+SIZE = 48  # the tiny encoder's input side: no resizing, so every input kind must give the exact same pixels
+# initializer_range 0.3: sharp enough that the prompt visibly changes the codes an untrained LM samples.
+SMALL_LM = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "initializer_range": 0.3}
+DECODER = {"num_attention_heads": 4, "intermediate_size": 64, "num_patches": 144, "vision_use_head": False}
+MICRO_VQ = {"image_size": 16, "codebook_size": 32, "codebook_dim": 4, "channels": 8, "channel_mult": [1, 2, 2],
+            "z_channels": 8, "num_res_blocks": 1, "norm_groups": 4}
+MICRO_GPT = {"width": 32, "depth": 1, "heads": 2, "mlp_hidden": 64, "max_condition_tokens": 144}
+
+
+def picture(size: int = SIZE) -> np.ndarray:
+    """A deterministic RGB uint8 image with every channel different."""
+    return np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def one_line(err: pytest.ExceptionInfo) -> str:
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    """A Tar bundle: lm/ (recording train_scales [2] and its TA-Tok), tatok/, ar_detok/ and a pixel_vq/ that is no
+    de-tokenizer; lm/ and tatok/ are siblings, so the record also finds the TA-Tok relative to lm/."""
+    root = tmp_path_factory.mktemp("bundle")
+    torch.manual_seed(0)
+    tatok = TATok(SigLIP2Encoder("tiny"), LearnedCodebook(num_codes=32, dim=16), SimVQ(), decoder_depth=1,
+                  decoder_config=DECODER)
+    tatok.save_pretrained(root / "tatok")
+    lm = HFCausalLM(preset="tiny", tokenizer="bytes", config=SMALL_LM, num_codes=32, num_scales=3)
+    with torch.no_grad():  # new rows start as the mean of the old ones: make image tokens differ, so codes vary
+        lm.output_head.weight[lm.vocab.image_start : lm.vocab.image_end].normal_(std=0.3)
+    lm.save_pretrained(root / "lm")
+    record = tatok_record(str(root / "tatok"), root / "lm", tatok.pool_scales, tatok.num_codes)
+    generation = GenerationDefaults(scale=2, cfg_scale=3.0, temperature=0.5, top_k=7, top_p=0.9)
+    write_settings(root / "lm", TarSettings(train_scales=[2], tatok=record, generation=generation))
+    lm.save_pretrained(root / "plain_lm")  # the same LM with no record
+    vq = PixelVQ(preset=None, config=MICRO_VQ)
+    vq.save_pretrained(root / "pixel_vq")
+    AutoregressiveDeTokenizer(vq, condition_dim=96, preset="tiny", config=MICRO_GPT).save_pretrained(root / "ar_detok")
+    return root
+
+
+@pytest.fixture(scope="module")
+def i2t(bundle):
+    return ImageToText(bundle / "lm")
+
+
+# --- every accepted image input ---------------------------------------------------------------------------------
+
+
+def as_kind(kind: str, tmp_path):
+    array = picture()
+    if kind in ("str path", "Path"):
+        Image.fromarray(array).save(tmp_path / "image.png")
+        return str(tmp_path / "image.png") if kind == "str path" else tmp_path / "image.png"
+    return {
+        "PIL": lambda: Image.fromarray(array),
+        "numpy HWC uint8": lambda: array,
+        "numpy HWC float": lambda: array / 255.0,
+        "float tensor CHW": lambda: torch.from_numpy(array).permute(2, 0, 1) / 255,
+        "float tensor BCHW": lambda: (torch.from_numpy(array).permute(2, 0, 1) / 255)[None],
+        "uint8 tensor": lambda: torch.from_numpy(array).permute(2, 0, 1),
+        "list": lambda: [Image.fromarray(array)],
+    }[kind]()
+
+
+KINDS = ["str path", "Path", "PIL", "numpy HWC uint8", "numpy HWC float", "float tensor CHW", "float tensor BCHW",
+         "uint8 tensor", "list"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_accepted_image_input_gives_the_same_pixels(kind, tmp_path):
+    expected = torch.from_numpy(picture()).permute(2, 0, 1)[None].float() / 255
+    batch = images_to_batch(as_kind(kind, tmp_path), SIZE)
+    assert batch.dtype == torch.float32 and batch.shape == (1, 3, SIZE, SIZE)
+    torch.testing.assert_close(batch, expected, rtol=0, atol=1e-6)  # a uint8 tensor is not read as 0-255 floats
+
+
+def test_grayscale_and_alpha_become_rgb():
+    gray = np.arange(16 * 16, dtype=np.uint8).reshape(16, 16)
+    batch = images_to_batch(gray, 16)
+    assert batch.shape == (1, 3, 16, 16)
+    assert torch.equal(batch[0, 0], torch.from_numpy(gray).float() / 255) and torch.equal(batch[0, 0], batch[0, 2])
+    assert torch.equal(images_to_batch(torch.from_numpy(gray)[None], 16), batch)  # a [1, H, W] tensor too
+    transparent = np.zeros((16, 16, 4), dtype=np.uint8)  # alpha 0: composited on white
+    assert torch.equal(images_to_batch(transparent, 16), torch.ones(1, 3, 16, 16))
+
+
+def test_a_list_of_mixed_kinds_and_sizes_becomes_one_batch(tmp_path):
+    batch = images_to_batch([Image.fromarray(picture(32)), picture(64), torch.rand(2, 3, 20, 20)], SIZE)
+    assert batch.shape == (4, 3, SIZE, SIZE) and 0 <= batch.min() and batch.max() <= 1
+
+
+REJECTED = {
+    "None": (None, TypeError, "cannot read a NoneType as an image"),
+    "int": (3, TypeError, "cannot read a int as an image"),
+    "dict": ({"image": 1}, TypeError, "cannot read a dict as an image"),
+    "nested list": ([[picture()]], TypeError, "item 0 of the list: cannot read a list as an image"),
+    "empty list": ([], ValueError, "got an empty list of images"),
+    "0-255 float tensor": (torch.full((3, 8, 8), 200.0), ValueError, r"in \[0, 1\], got values in \[200, 200\]"),
+    "normalised tensor": (torch.full((3, 8, 8), -0.5), ValueError, "undo any normalisation"),
+    "NaN tensor": (torch.full((3, 8, 8), float("nan")), ValueError, r"must lie in \[0, 1\]"),
+    "int64 tensor": (torch.zeros(3, 8, 8, dtype=torch.long), TypeError, "uint8 .0-255. or float in"),
+    "RGBA tensor": (torch.rand(4, 8, 8), ValueError, r"\[C, H, W\] or \[B, C, H, W\] with C = 1 or 3, got \(4, 8, 8\)"),
+    "HW tensor": (torch.rand(8, 8), ValueError, "with C = 1 or 3, got"),
+    "bool array": (np.zeros((8, 8), dtype=bool), TypeError, "numpy images must be uint8"),
+    "CHW array": (np.zeros((3, 8, 8), dtype=np.uint8), ValueError, r"H x W x C \(C = 1, 3 or 4\), got shape \(3, 8"),
+}
+
+
+@pytest.mark.parametrize("name", list(REJECTED))
+def test_rejected_inputs_fail_in_one_line_saying_what_is_accepted(name):
+    value, error, match = REJECTED[name]
+    with pytest.raises(error, match=match) as info:
+        images_to_batch(value, SIZE)
+    message = one_line(info)
+    if error is TypeError and "cannot read" in message:
+        assert IMAGE_INPUTS in message
+
+
+def test_a_missing_or_broken_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"image file {tmp_path / 'nope.png'} does not exist"):
+        images_to_batch(str(tmp_path / "nope.png"), SIZE)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(OSError, match=f"cannot read image {tmp_path / 'broken.png'}") as info:
+        images_to_batch(tmp_path / "broken.png", SIZE)
+    one_line(info)
+
+
+def test_image_to_text_reads_a_path_like_a_tensor(i2t, tmp_path):
+    path = as_kind("str path", tmp_path)
+    from_path = i2t.generate(path, "Is there a red circle?", max_new_tokens=4)
+    assert from_path == i2t.generate_batch(as_kind("uint8 tensor", tmp_path), ["Is there a red circle?"],
+                                           max_new_tokens=4)[0]
+    assert i2t.generate_batch([path, as_kind("PIL", tmp_path)], ["a?", "b?"], max_new_tokens=2)[0] == i2t.generate(
+        path, "a?", max_new_tokens=2)
+    with pytest.raises(ValueError, match="generate takes one image, got 2; use generate_batch"):
+        i2t.generate([path, path], "a?")
+
+
+# --- prompts ----------------------------------------------------------------------------------------------------
+
+
+def test_prompts_must_be_strings(i2t, bundle):
+    image = picture()
+    with pytest.raises(TypeError, match="prompt must be a string, got NoneType") as info:
+        i2t.generate(image, None)
+    one_line(info)
+    with pytest.raises(TypeError, match="prompts must be a list of strings, got one string"):
+        i2t.generate_batch([image], "What is it?")
+    with pytest.raises(TypeError, match=r"prompts\[1\] must be a string, got int"):
+        i2t.generate_batch([image, image], ["ok", 3])
+    t2i = TextToImage(bundle / "lm")
+    with pytest.raises(ValueError, match="prompts is empty"):
+        t2i.generate_codes([])
+    with pytest.raises(TypeError, match="prompt must be a string"):
+        t2i.generate_image(None)
+
+
+def test_an_empty_question_asks_for_a_caption(i2t, monkeypatch):
+    questions = []
+    real = pipelines.user_prefix
+
+    def spy(tokenizer, parts):
+        questions.append(parts[-1])
+        return real(tokenizer, parts)
+
+    monkeypatch.setattr(pipelines, "user_prefix", spy)
+    i2t.generate_batch([picture()] * 3, ["", "  ", "How many?"], max_new_tokens=1)
+    assert questions == ["\nDescribe the image.", "\nDescribe the image.", "\nHow many?"]
+
+
+def test_an_empty_prompt_is_the_unconditional_sample(bundle):
+    """Guidance contrasts a prompt with the empty one, so for "" it changes nothing (greedy codes compared)."""
+    unguided = TextToImage(bundle / "lm", cfg_scale=1.0, temperature=0)
+    guided = TextToImage(unguided.lm, unguided.tatok, cfg_scale=5.0, temperature=0)
+    assert torch.equal(guided.generate_codes([""]), unguided.generate_codes([""]))
+    assert not torch.equal(guided.generate_codes(["a red circle"]), unguided.generate_codes(["a red circle"]))
+
+
+# --- defaults from the LM folder --------------------------------------------------------------------------------
+
+
+def test_defaults_come_from_the_lm_folder_record(bundle):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the recorded scale is a trained one: no warning
+        t2i = TextToImage(bundle / "lm")  # no tatok: the record names it
+    assert t2i.scale == 2 and (t2i.cfg_scale, t2i.temperature, t2i.top_k, t2i.top_p) == (3.0, 0.5, 7, 0.9)
+    assert t2i.tatok.num_codes == 32 and t2i.generate_codes(["a red circle"]).shape == (1, 36)
+    i2t = ImageToText(str(bundle / "lm"))
+    assert i2t.scale == 2
+
+
+def test_arguments_override_the_record(bundle):
+    t2i = TextToImage(bundle / "lm", bundle / "tatok", scale=2, cfg_scale=1.5, temperature=1.0, top_k=0, top_p=1.0)
+    assert (t2i.scale, t2i.cfg_scale, t2i.temperature, t2i.top_k, t2i.top_p) == (2, 1.5, 1.0, None, 1.0)
+
+
+def test_without_a_record_the_reference_defaults_hold_and_tatok_is_needed(bundle):
+    t2i = TextToImage(bundle / "plain_lm", bundle / "tatok")
+    assert (t2i.scale, t2i.cfg_scale, t2i.temperature, t2i.top_k, t2i.top_p) == (1, 1.0, 1.0, 1200, 0.95)
+    with pytest.raises(ValueError, match="no tatok given and the LM records no TA-Tok; pass tatok=") as info:
+        ImageToText(bundle / "plain_lm")
+    one_line(info)
+
+
+def test_a_loaded_lm_carries_its_record(bundle):
+    lm = HFCausalLM.from_pretrained(bundle / "lm")  # transformers reads generation_config.json into the model
+    assert ImageToText(lm).scale == 2
+
+
+def test_a_scale_never_trained_on_warns_at_the_callers_line(bundle):
+    with pytest.warns(UnseenScaleWarning, match=r"scale 1 was never used in training this LM \(train_scales \[2\]\)"):
+        i2t = ImageToText(bundle / "lm", scale=1)
+    assert i2t.scale == 1
+    with pytest.warns(UnseenScaleWarning) as caught:
+        TextToImage(bundle / "lm", scale=3)
+    assert caught[0].filename == __file__
+
+
+def test_a_tatok_with_other_pool_scales_is_refused(bundle):
+    torch.manual_seed(0)
+    other = TATok(SigLIP2Encoder("tiny"), LearnedCodebook(num_codes=32, dim=16), SimVQ(), pool_scales=[1, 2],
+                  decoder_depth=1, decoder_config=DECODER)
+    with pytest.raises(ValueError, match=r"pool scales \[1, 2, 3\].*but this one has \[1, 2\]"):
+        ImageToText(bundle / "lm", other)
+
+
+def test_the_recorded_tatok_is_found_beside_a_moved_lm(bundle, tmp_path):
+    moved = tmp_path / "moved"
+    shutil.copytree(bundle / "lm", moved / "lm")
+    shutil.copytree(bundle / "tatok", moved / "tatok")
+    settings = read_settings(moved / "lm")
+    assert recorded_tatok(settings, moved / "lm") == moved / "lm" / "../tatok"  # before the path as given
+    gone = TarSettings(tatok=TATokRecord(path=str(tmp_path / "gone"), path_from_lm="../tatok"))
+    assert recorded_tatok(gone, moved / "lm") == moved / "lm" / "../tatok"
+    assert recorded_tatok(gone, None) is None
+    assert os.path.samefile(recorded_tatok(settings, bundle / "lm"), bundle / "tatok")
+
+
+# --- bundles ----------------------------------------------------------------------------------------------------
+
+
+def test_a_bundle_loads_with_one_path(bundle):
+    t2i = TextToImage.from_pretrained(bundle)
+    assert t2i.scale == 2 and t2i.autoencoder is not None
+    assert isinstance(t2i.autoencoder.detokenizer, AutoregressiveDeTokenizer)  # not pixel_vq/, which is no de-tokenizer
+    image = t2i.generate_image("a red circle", generator=torch.Generator().manual_seed(0))
+    assert image.size == (16, 16) and image.mode == "RGB"
+    assert ImageToText.from_pretrained(str(bundle)).generate(picture(), "What?", max_new_tokens=2) is not None
+
+
+def test_bundle_keywords_override(bundle):
+    with pytest.warns(UnseenScaleWarning):
+        t2i = TextToImage.from_pretrained(bundle, scale=3, detokenizer=None, cfg_scale=2.0)
+    assert (t2i.scale, t2i.cfg_scale, t2i.autoencoder) == (3, 2.0, None)
+    assert ImageToText.from_pretrained(bundle, lm=bundle / "plain_lm").scale == 1
+
+
+def test_a_bundle_without_tatok_uses_the_one_the_lm_records(bundle, tmp_path):
+    shutil.copytree(bundle / "lm", tmp_path / "lm")  # ../tatok is not there: the path as given is
+    i2t = ImageToText.from_pretrained(tmp_path)
+    assert i2t.scale == 2 and i2t.tatok.num_codes == 32
+
+
+def test_missing_bundle_parts_say_which_and_how_to_make_them(bundle, tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"no lm/ in {tmp_path}; train it with recipes/tiny/lm.yaml") as info:
+        ImageToText.from_pretrained(tmp_path)
+    one_line(info)
+    shutil.copytree(bundle / "plain_lm", tmp_path / "lm")
+    with pytest.raises(FileNotFoundError, match="no tatok/ in .*; train it with recipes/tiny/tatok.yaml"):
+        ImageToText.from_pretrained(tmp_path)
+    shutil.copytree(bundle / "tatok", tmp_path / "tatok")
+    with pytest.raises(FileNotFoundError, match="no de-tokenizer in .*recipes/tiny/ar_detok.yaml") as info:
+        TextToImage.from_pretrained(tmp_path)
+    one_line(info)
+    for name in ("ar_one", "ar_two"):
+        shutil.copytree(bundle / "ar_detok", tmp_path / name)
+    with pytest.raises(ValueError, match=r"several de-tokenizers \(ar_one/, ar_two/\); choose one with detokenizer="):
+        TextToImage.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        TextToImage.from_pretrained(tmp_path / "nowhere")
+
+
+def test_images_without_a_detokenizer_fail_before_sampling(bundle, monkeypatch):
+    t2i = TextToImage(bundle / "lm")
+    monkeypatch.setattr(t2i, "generate_codes", lambda *a, **k: pytest.fail("sampled codes it could not draw"))
+    with pytest.raises(ValueError, match="has no de-tokenizer; pass detokenizer=") as info:
+        t2i.generate_image("a red circle")
+    one_line(info)
