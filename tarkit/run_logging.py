@@ -11,6 +11,7 @@ whatever version its logs are at.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +19,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.loggers.tensorboard import _TENSORBOARD_AVAILABLE
+from torchvision.utils import make_grid
+
+from tarkit.data import save_comparison_grid
 
 
 def default_loggers(run_dir: str) -> list[Logger]:
@@ -70,3 +74,14 @@ def default_callbacks() -> list[Callback]:
 def default_checkpoint(run_dir: str, every_n_train_steps: int = 100) -> ModelCheckpoint:
     """The newest checkpoint under ``run_dir/checkpoints``, refreshed every ``every_n_train_steps`` and at the end."""
     return ModelCheckpoint(dirpath=f"{run_dir}/checkpoints", save_last="link", every_n_train_steps=every_n_train_steps)
+
+
+def log_comparison_grid(trainer: Trainer, originals: torch.Tensor, redrawn: torch.Tensor) -> Path:
+    """Originals over their reconstructions: a PNG under ``<run>/samples/`` (:func:`tarkit.data.save_comparison_grid`)
+    and, where the run logs to TensorBoard, an image ``samples`` at the current step."""
+    path = save_comparison_grid(trainer.default_root_dir, trainer.global_step, originals, redrawn)
+    grid = make_grid(torch.cat([originals, redrawn]).float().cpu().clamp(0, 1), nrow=len(originals))
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image("samples", grid, trainer.global_step)
+    return path

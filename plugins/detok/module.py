@@ -11,10 +11,11 @@ from lightning.pytorch import LightningModule
 from torch.nn import functional as F
 
 from tarkit.autoencoder import MMAutoEncoder
-from tarkit.data import sample_images, save_comparison_grid, tensor_to_image
+from tarkit.data import sample_images, tensor_to_image
 from tarkit.evaluation import psnr
 from tarkit.interfaces import DeTokenizer
 from tarkit.optim import adamw_warmup_cosine
+from tarkit.run_logging import log_comparison_grid
 from tarkit.tatok import TATok
 
 
@@ -120,7 +121,7 @@ class DeTokenizerModule(LightningModule):
         self.detokenizer.eval()
         redrawn = self.autoencoder.reconstruct(originals, generator=self.generator()).float() / 255
         self.detokenizer.train(was_training)
-        return save_comparison_grid(self.trainer.default_root_dir, self.global_step, originals, redrawn)
+        return log_comparison_grid(self.trainer, originals, redrawn)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Reconstructs each image of a ``prompts`` batch over an image folder as ``<predict_dir>/<id>.png``."""

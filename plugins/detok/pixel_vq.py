@@ -24,12 +24,13 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torch.nn import functional as F
 
-from tarkit.data import sample_images, save_comparison_grid
+from tarkit.data import sample_images
 from tarkit.evaluation import psnr
 from tarkit.official import load_checkpoint
 from tarkit.optim import adamw_warmup_cosine
 from tarkit.paths import resolve_path
 from tarkit.pretrained import PretrainedLoadError, PretrainedMixin, check_state_dict
+from tarkit.run_logging import log_comparison_grid
 
 RECON_LOSSES = ("l2", "l1")
 
@@ -520,7 +521,7 @@ class PixelVQModule(LightningModule):
         self.vq.eval()
         reconstruction = self.vq.decode_indices(self.vq.encode_indices(images))
         self.vq.train(was_training)
-        return save_comparison_grid(self.trainer.default_root_dir, self.global_step, images, reconstruction)
+        return log_comparison_grid(self.trainer, images, reconstruction)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
