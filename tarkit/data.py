@@ -94,29 +94,40 @@ IMAGE_INPUTS = (
 
 
 def images_to_batch(images: ImageInput | Sequence[ImageInput], size: int) -> torch.Tensor:
-    """Whatever a user passes as image(s) -> a float batch ``[B, 3, size, size]`` in ``[0, 1]``.
+    """Whatever a user passes as image(s) -> a float batch ``[B, 3, H, W]`` in ``[0, 1]``.
 
     Accepts :data:`IMAGE_INPUTS`. numpy arrays are read in the image libraries' layout (HWC), tensors in
-    torch's (CHW); uint8 means 0-255. Grayscale becomes RGB, alpha is composited on white (as :func:`to_rgb`),
-    and every image is resized to ``size`` (bicubic). A float tensor outside ``[0, 1]`` is refused rather than
-    guessed at: 0-255 floats and normalised tensors look alike.
+    torch's (CHW); uint8 means 0-255. Grayscale becomes RGB, alpha is composited on white (as :func:`to_rgb`).
+    Images that all share one size keep it, so the encoder resizes them exactly as it resized its training
+    images; images of different sizes are resized to ``size`` (bicubic, antialiased) to form one batch. A float
+    tensor outside ``[0, 1]`` is refused rather than guessed at: 0-255 floats and normalised tensors look alike.
     """
     if isinstance(images, (list, tuple)):
         if not images:
             raise ValueError(f"got an empty list of images; pass {IMAGE_INPUTS}")
-        return torch.cat([_image_to_batch(image, size, f"item {i} of the list: ") for i, image in enumerate(images)])
-    return _image_to_batch(images, size)
+        batches = [_image_to_batch(image, f"item {i} of the list: ") for i, image in enumerate(images)]
+    else:
+        batches = [_image_to_batch(images)]
+    if len({tuple(batch.shape[-2:]) for batch in batches}) > 1:
+        batches = [_resize(batch, size) for batch in batches]
+    return torch.cat(batches)
 
 
-def _image_to_batch(image: Any, size: int, where: str = "") -> torch.Tensor:
+def _resize(batch: torch.Tensor, size: int) -> torch.Tensor:
+    if batch.shape[-2:] == (size, size):
+        return batch
+    return F.interpolate(batch, size=(size, size), mode="bicubic", antialias=True).clamp_(0, 1)
+
+
+def _image_to_batch(image: Any, where: str = "") -> torch.Tensor:
     if isinstance(image, (str, os.PathLike)):
         image = _open_image(Path(image))
     if isinstance(image, Image.Image):
-        return image_to_tensor(to_rgb(image), size)[None]
+        return image_to_tensor(to_rgb(image))[None]
     if isinstance(image, np.ndarray):
-        return _array_to_batch(image, size)
+        return _array_to_batch(image)
     if isinstance(image, torch.Tensor):
-        return _tensor_to_batch(image, size)
+        return _tensor_to_batch(image)
     raise TypeError(f"{where}cannot read a {type(image).__name__} as an image; pass {IMAGE_INPUTS}")
 
 
@@ -129,18 +140,18 @@ def _open_image(path: Path) -> Image.Image:
         raise OSError(f"cannot read image {path}: {' '.join(str(err).split())}") from err
 
 
-def _array_to_batch(array: np.ndarray, size: int) -> torch.Tensor:
+def _array_to_batch(array: np.ndarray) -> torch.Tensor:
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
         raise ValueError(f"expected a numpy image H x W or H x W x C (C = 1, 3 or 4), got shape {array.shape}")
     if array.dtype == np.uint8:  # PIL reads every such layout, alpha included
-        return image_to_tensor(to_rgb(Image.fromarray(array.squeeze(2) if array.shape[-1] == 1 else array)), size)[None]
+        return image_to_tensor(to_rgb(Image.fromarray(array.squeeze(2) if array.shape[-1] == 1 else array)))[None]
     if not np.issubdtype(array.dtype, np.floating):
         raise TypeError(f"numpy images must be uint8 (0-255) or float in [0, 1], got {array.dtype}")
     tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-    return _tensor_to_batch(tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1), size)
+    return _tensor_to_batch(tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1))
 
 
-def _tensor_to_batch(tensor: torch.Tensor, size: int) -> torch.Tensor:
+def _tensor_to_batch(tensor: torch.Tensor) -> torch.Tensor:
     batch = tensor[None] if tensor.ndim == 3 else tensor
     if batch.ndim != 4 or batch.shape[1] not in (1, 3) or batch.shape[2] == 0 or batch.shape[3] == 0:
         shape = tuple(tensor.shape)
@@ -157,10 +168,7 @@ def _tensor_to_batch(tensor: torch.Tensor, size: int) -> torch.Tensor:
         batch = batch.float()
     else:
         raise TypeError(f"image tensors must be uint8 (0-255) or float in [0, 1], got {batch.dtype}")
-    batch = batch.expand(-1, 3, -1, -1)
-    if batch.shape[-2:] != (size, size):
-        batch = F.interpolate(batch, size=(size, size), mode="bicubic", antialias=True).clamp_(0, 1)
-    return batch
+    return batch.expand(-1, 3, -1, -1)
 
 
 def make_sample(

@@ -89,3 +89,16 @@ def test_the_demo_bundle_loads_with_one_path_at_its_training_scale(quick_demo):
     assert t2i.generate_codes(["a photo of a red circle"]).shape == (1, 36)  # 6 x 6: scale 2 of the 12 x 12 grid
     image = t2i.generate_image("a photo of a red circle")
     assert isinstance(i2t.generate(image, "Is there a red circle in the image?"), str)
+
+
+def test_a_stage_line_reports_its_preferred_logged_figure(tmp_path):
+    from tarkit_plugins.shapesworld.demo import STAGES, headline
+
+    tatok = next(stage for stage in STAGES if stage.name == "tatok")
+    assert headline(tmp_path, tatok) == "no metrics logged"
+    log = tmp_path / "runs" / "tatok" / "csv" / "version_0" / "metrics.csv"
+    log.parent.mkdir(parents=True)
+    log.write_text("step,train/recon_cosine,val/recon_cosine_s1\n9,0.5,\n19,0.6,\n19,,0.875\n")
+    assert headline(tmp_path, tatok) == "val/recon_cosine_s1 0.875"
+    log.write_text("step,train/recon_cosine\n9,0.5\n19,0.625\n")
+    assert headline(tmp_path, tatok) == "train/recon_cosine 0.625"
