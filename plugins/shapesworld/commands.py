@@ -92,20 +92,28 @@ class DemoCommand(Command):
         parser.add_argument("--recipes", type=Path, default=Path("recipes/tiny"), help="folder of the stage recipes")
         parser.add_argument("--quick", action="store_true", help="tiny budgets: a smoke test, not a result")
         parser.add_argument("--force", action="store_true", help="retrain stages whose folders exist")
-        parser.add_argument("--prompts", type=int, help="GenEval-style prompts (default 60, quick 6)")
-        parser.add_argument("--images", type=int, help="held-out images for POPE and captions (default 60, quick 4)")
+        parser.add_argument("--prompts", type=int, help="GenEval-style prompts per split (default 120, quick 6)")
+        parser.add_argument(
+            "--images", type=int, help="images per split for POPE (4 questions each) and captions (default 80, quick 4)"
+        )
+        parser.add_argument(
+            "--probe-fit-scenes", type=int, help="training scenes a probe is fitted on (2000, quick 200)"
+        )
+        parser.add_argument("--probe-scenes", type=int, help="test scenes a probe is scored on (300, quick 40)")
         parser.add_argument("--candidates", type=int, default=4, help="self-reflection candidates per prompt")
         parser.add_argument("--scale", type=int, default=2, help="pool scale of generated and read images")
         parser.add_argument("--cfg-scale", type=float, default=3.0, help="LM classifier-free guidance")
         parser.add_argument("--batch-size", type=int, default=16)
         parser.add_argument("--seed", type=int, default=0)
         args = parser.parse_args(argv)
-        if args.prompts is None:
-            args.prompts = 6 if args.quick else 60
-        if args.images is None:
-            args.images = 4 if args.quick else 60
+        defaults = {"prompts": (120, 6), "images": (80, 4), "probe_fit_scenes": (2000, 200), "probe_scenes": (300, 40)}
+        for name, (full, quick) in defaults.items():
+            if getattr(args, name) is None:
+                setattr(args, name, quick if args.quick else full)
         if min(args.prompts, args.images, args.candidates, args.batch_size) < 1:
             raise CommandError("--prompts, --images, --candidates and --batch-size must be positive")
+        if min(args.probe_fit_scenes, args.probe_scenes) < 20:
+            raise CommandError("--probe-fit-scenes and --probe-scenes must be at least 20")
         from tarkit_plugins.shapesworld.demo import run_demo
 
         return run_demo(args)

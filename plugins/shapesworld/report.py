@@ -11,10 +11,11 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw
 
-from tarkit.evaluation import geneval_scores, markdown_table, pope_metrics
+from tarkit.evaluation import geneval_scores, pope_metrics
 from tarkit.pipelines import ImageToText, TextToImage
+from tarkit_plugins.shapesworld.ladder import Rung, geneval_stderr, lowest_failed, proportion_stderr
 from tarkit_plugins.shapesworld.oracle import score_image
-from tarkit_plugins.shapesworld.world import COLORS, SHAPES, SceneSampler, render
+from tarkit_plugins.shapesworld.world import COLORS, SHAPES, Example, SceneSampler, render
 
 CAPTION_QUESTION = "Describe the image."
 NAMED_OBJECT = re.compile(rf"\b({'|'.join(COLORS)})\s+({'|'.join(SHAPES)})s?\b")
@@ -42,11 +43,12 @@ def batches(items: list[Any], size: int) -> list[list[Any]]:
 
 
 def evaluate_t2i(
-    t2i: TextToImage, sampler: SceneSampler, num_prompts: int, batch_size: int, seed: int
-) -> tuple[dict[str, dict[str, float]], list[tuple[str, Image.Image]]]:
-    """GenEval-style scores of the first candidate (plain sampling) and of the self-reflected best."""
+    t2i: TextToImage, examples: list[Example], batch_size: int, seed: int
+) -> tuple[dict[str, list[dict[str, Any]]], list[tuple[str, Image.Image]]]:
+    """GenEval-style results rows of the first candidate (plain sampling) and of the self-reflected best, and
+    ``(prompt, image)`` samples (the self-reflected ones when there are candidates)."""
     generator = torch.Generator().manual_seed(seed)
-    records = [sampler.example(i).record for i in range(num_prompts)]
+    records = [e.record for e in examples]
     rows: dict[str, list[dict[str, Any]]] = {"plain": [], "self_reflect": []}
     samples: list[tuple[str, Image.Image]] = []
     for group in batches(records, batch_size):
@@ -63,27 +65,40 @@ def evaluate_t2i(
                 rows[kind].append({"tag": record["tag"], "prompt": record["prompt"], "correct": correct})
         best = drawn.get("self_reflect", drawn["plain"])
         samples += list(zip(prompts, best, strict=True))
-    return {kind: geneval_scores(r) for kind, r in rows.items() if r}, samples
+    return {kind: r for kind, r in rows.items() if r}, samples
+
+
+def geneval_summary(rows: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Per-tag and overall scores of each kind of sampling, with the overall score's standard error."""
+    return {kind: {**geneval_scores(r), "overall_stderr": geneval_stderr(r)} for kind, r in rows.items()}
+
+
+def pope_items(sampler: SceneSampler, examples: list[Example]) -> list[tuple[int, str, str]]:
+    """``(image index, question, label)``: two yes and two no questions per image, as POPE balances them."""
+    return [
+        (index, text, label)
+        for index, example in enumerate(examples)
+        for text, label in sampler.pope_questions(example, sampler.rng(index, "pope"))
+    ]
 
 
 def evaluate_i2t(
-    i2t: ImageToText, sampler: SceneSampler, num_images: int, batch_size: int
+    i2t: ImageToText, sampler: SceneSampler, examples: list[Example], batch_size: int
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """POPE-style metrics (two yes and two no questions per image) and caption attribute scores."""
-    examples = [sampler.example(i) for i in range(num_images)]
+    """POPE-style metrics (with the accuracy's standard error) and caption attribute scores."""
     images = [render(e.scene) for e in examples]
-    questions = []
-    for index, example in enumerate(examples):
-        for text, label in sampler.pope_questions(example, sampler.rng(index, "pope")):
-            questions.append((index, text, label))
+    questions = pope_items(sampler, examples)
     answers = []
     for group in batches(questions, batch_size):
         answers += i2t.generate_batch([images[i] for i, _, _ in group], [q for _, q, _ in group], max_new_tokens=4)
     captions = []
-    for group in batches(list(range(num_images)), batch_size):
+    for group in batches(list(range(len(examples))), batch_size):
         captions += i2t.generate_batch([images[i] for i in group], [CAPTION_QUESTION] * len(group), max_new_tokens=32)
     pope = pope_metrics([label for _, _, label in questions], answers)
-    return pope, caption_scores(captions, [e.scene.combos() for e in examples])
+    pope["accuracy_stderr"] = proportion_stderr(pope["accuracy"], len(questions))
+    caption = caption_scores(captions, [e.scene.combos() for e in examples])
+    caption["exact_stderr"] = proportion_stderr(caption["exact"], len(examples))
+    return pope, caption
 
 
 def labelled_grid(samples: list[tuple[str, Image.Image]], columns: int = 6, scale: int = 2) -> Image.Image:
@@ -103,28 +118,61 @@ def labelled_grid(samples: list[tuple[str, Image.Image]], columns: int = 6, scal
     return grid
 
 
-def write_report(out: Path, metrics: dict[str, Any], targets: dict[str, float]) -> Path:
-    """``report.md``: tables shaped like the paper's (GenEval per category + overall; POPE; captions)."""
-    geneval = metrics["geneval"]
-    kinds = list(geneval)
-    lines = ["# Tar on ShapesWorld (tiny, CPU): held-out split", ""]
+def _value(value: float, stderr: float | None) -> str:
+    return f"{value:.3f}" if stderr is None else f"{value:.3f} ± {stderr:.3f}"
+
+
+def write_report(out: Path, metrics: dict[str, Any], ladder: list[Rung], images: dict[str, str]) -> Path:
+    """``report.md``: the ladder, then tables shaped like the paper's for each evaluation split (GenEval per
+    category + overall; POPE; captions), the pictures and the training curves."""
+    failed = lowest_failed(ladder)
+    lines = ["# Tar on ShapesWorld (tiny, CPU)", ""]
     lines += [
-        "## Text-to-image: GenEval-style, scored by the ShapesWorld oracle",
+        "## Quality ladder (test split)",
         "",
-        "| category | " + " | ".join(kinds) + " |",
-        "|---|" + "---|" * len(kinds),
+        "| rung | metric | value | gate | passed |",
+        "|---|---|---|---|---|",
     ]
-    for tag in geneval[kinds[0]]:
-        lines.append(f"| {tag} | " + " | ".join(f"{geneval[k][tag]:.3f}" for k in kinds) + " |")
-    lines += ["", "## Understanding: POPE-style", "", markdown_table(metrics["pope"], ("POPE", "value"))]
-    lines += ["", "## Understanding: captions", "", markdown_table(metrics["caption"], ("caption", "value"))]
-    lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
-    measured = {"geneval": geneval[kinds[-1]]["overall"], "pope": metrics["pope"]["accuracy"]}
-    names = {"geneval": "GenEval overall", "pope": "POPE accuracy"}
-    for key, goal in targets.items():
-        met = "yes" if measured[key] >= goal else "NO"
-        lines.append(f"| {names[key]} >= {goal:.2f} | {measured[key]:.3f} | {met} |")
-    lines += ["", "## Run", "", "```json", json.dumps(metrics["run"], indent=2), "```", ""]
+    for r in ladder:
+        extra = "".join(f", {k} {v:.2f}" for k, v in (r.extra or {}).items())
+        lines.append(
+            f"| {r.rung} | {r.metric} | {_value(r.value, r.stderr)}{extra} | {r.gate:.2f} | "
+            f"{'yes' if r.passed else 'NO'} |"
+        )
+    verdict = f"The lowest rung that misses its gate: **{failed}**." if failed else "Every rung meets its gate."
+    lines += ["", verdict, ""]
+    for split, results in metrics["splits"].items():
+        geneval = results["geneval"]
+        kinds = list(geneval)
+        lines += [
+            f"## {split}: {results['about']}",
+            "",
+            "| GenEval-style | " + " | ".join(kinds) + " |",
+            "|---|" + "---|" * len(kinds),
+        ]
+        for tag in geneval[kinds[0]]:
+            if tag.endswith("_stderr"):
+                continue
+            stderr = {k: geneval[k].get("overall_stderr") if tag == "overall" else None for k in kinds}
+            lines.append(f"| {tag} | " + " | ".join(_value(geneval[k][tag], stderr[k]) for k in kinds) + " |")
+        pope, caption = results["pope"], results["caption"]
+        lines += [
+            "",
+            "| POPE-style | value |",
+            "|---|---|",
+            f"| accuracy | {_value(pope['accuracy'], pope['accuracy_stderr'])} |",
+        ]
+        lines += [f"| {k} | {v:.3f} |" for k, v in pope.items() if k not in ("accuracy", "accuracy_stderr")]
+        lines += [
+            "",
+            "| captions | value |",
+            "|---|---|",
+            f"| exact | {_value(caption['exact'], caption['exact_stderr'])} |",
+        ]
+        lines += [f"| {k} | {v:.3f} |" for k, v in caption.items() if k not in ("exact", "exact_stderr")]
+        lines.append("")
+    lines += ["## Pictures", ""] + [f"![{name}]({path})" for name, path in images.items()] + [""]
+    lines += ["## Run", "", "```json", json.dumps(metrics["run"], indent=2), "```", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
