@@ -39,8 +39,8 @@ SPLITS = {"train": ALL_COMBOS - HELDOUT_COMBOS, "heldout": HELDOUT_COMBOS, "all"
 
 # The first phrasing is GenEval's own; the others vary training captions.
 PHRASINGS: tuple[str, ...] = ("a photo of {}", "an image of {}", "a picture showing {}", "{}", "a drawing of {}")
-POSITION_MARGIN = 0.1  # fraction of the image side by which centres must differ for a relation to hold
-PLACEMENT_MARGIN = 0.15  # scenes are drawn with a wider margin so a judge's box estimates keep the relation
+POSITION_THRESHOLD = 0.1  # GenEval's default: offsets shrink by this fraction of the two boxes' sizes
+PLACEMENT_THRESHOLD = 0.15  # scenes are drawn with a wider one, so a judge's box estimates keep the relation
 
 
 def article(word: str) -> str:
@@ -51,18 +51,19 @@ def plural(shape: str) -> str:
     return f"{shape}s"
 
 
-def relation_holds(
-    relation: str,
-    subject_xy: tuple[float, float],
-    anchor_xy: tuple[float, float],
-    size: int,
-    margin_fraction: float = POSITION_MARGIN,
-) -> bool:
-    """GenEval's relative position: is ``subject`` <relation> ``anchor``? Box centres in pixels, image side
-    ``size``."""
-    dx, dy = subject_xy[0] - anchor_xy[0], subject_xy[1] - anchor_xy[1]
-    margin = margin_fraction * size
-    return {"left of": dx < -margin, "right of": dx > margin, "above": dy < -margin, "below": dy > margin}[relation]
+def relative_position(subject: Any, anchor: Any, threshold: float = POSITION_THRESHOLD) -> set[str]:
+    """GenEval's relations of ``subject`` to ``anchor`` (the oracle's detections, or anything with a box centre
+    ``cx, cy`` and side ``side``, such as a scene's shapes): each axis's box-centre offset shrinks towards zero by
+    ``threshold`` x the two boxes' sizes along that axis; a relation holds when its shrunk offset, divided by
+    the length of the whole offset, exceeds one half (so a mostly vertical offset is no "left of")."""
+    offset = np.array([subject.cx - anchor.cx, subject.cy - anchor.cy])
+    sizes = np.array([subject.side + anchor.side] * 2)  # ShapesWorld boxes are square
+    shrunk = np.maximum(np.abs(offset) - threshold * sizes, 0) * np.sign(offset)
+    if np.all(np.abs(shrunk) < 1e-3):
+        return set()
+    dx, dy = shrunk / np.linalg.norm(offset)
+    named = {"left of": dx < -0.5, "right of": dx > 0.5, "above": dy < -0.5, "below": dy > 0.5}
+    return {relation for relation, holds in named.items() if holds}
 
 
 @dataclass(frozen=True)
@@ -203,9 +204,7 @@ class SceneSampler:
                     break
                 placed.append(candidate)
             else:
-                if relation is None or relation_holds(
-                    relation, (placed[1].cx, placed[1].cy), (placed[0].cx, placed[0].cy), size, PLACEMENT_MARGIN
-                ):
+                if relation is None or relation in relative_position(placed[1], placed[0], PLACEMENT_THRESHOLD):
                     return tuple(placed)
         raise RuntimeError(f"could not place {len(combos)} objects on a {size}px image; use a larger size")
 
