@@ -45,7 +45,7 @@ def test_quick_demo_writes_report_grid_and_metrics(quick_demo):
 @pytest.mark.slow
 def test_demo_reuses_finished_stages_and_predict_reads_its_checkpoints(quick_demo, capsys, tmp_path):
     status = main(["demo", "--quick", "--out", str(quick_demo), "--recipes", str(ROOT / "recipes/tiny"),
-                   "--prompts", "1", "--images", "1", "--candidates", "1"])
+                   "--prompts", "1", "--images", "1", "--candidates", "2"])  # the shared fixture keeps its ladder
     assert status == 0 and capsys.readouterr().out.count("reused") == 5
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"tag": "single_object", "include": [{"class": "circle", "count": 1}],
