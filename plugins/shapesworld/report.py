@@ -122,6 +122,17 @@ def _value(value: float, stderr: float | None) -> str:
     return f"{value:.3f}" if stderr is None else f"{value:.3f} ± {stderr:.3f}"
 
 
+def _metric_table(title: str, values: dict[str, float], headline: str) -> list[str]:
+    """A two-column table, ``headline`` first with its standard error."""
+    lines = [
+        "",
+        f"| {title} | value |",
+        "|---|---|",
+        f"| {headline} | {_value(values[headline], values[f'{headline}_stderr'])} |",
+    ]
+    return lines + [f"| {k} | {v:.3f} |" for k, v in values.items() if k not in (headline, f"{headline}_stderr")]
+
+
 def write_report(out: Path, metrics: dict[str, Any], ladder: list[Rung], images: dict[str, str]) -> Path:
     """``report.md``: the ladder, then tables shaped like the paper's for each evaluation split (GenEval per
     category + overall; POPE; captions), the pictures and the training curves."""
@@ -155,22 +166,8 @@ def write_report(out: Path, metrics: dict[str, Any], ladder: list[Rung], images:
                 continue
             stderr = {k: geneval[k].get("overall_stderr") if tag == "overall" else None for k in kinds}
             lines.append(f"| {tag} | " + " | ".join(_value(geneval[k][tag], stderr[k]) for k in kinds) + " |")
-        pope, caption = results["pope"], results["caption"]
-        lines += [
-            "",
-            "| POPE-style | value |",
-            "|---|---|",
-            f"| accuracy | {_value(pope['accuracy'], pope['accuracy_stderr'])} |",
-        ]
-        lines += [f"| {k} | {v:.3f} |" for k, v in pope.items() if k not in ("accuracy", "accuracy_stderr")]
-        lines += [
-            "",
-            "| captions | value |",
-            "|---|---|",
-            f"| exact | {_value(caption['exact'], caption['exact_stderr'])} |",
-        ]
-        lines += [f"| {k} | {v:.3f} |" for k, v in caption.items() if k not in ("exact", "exact_stderr")]
-        lines.append("")
+        lines += _metric_table("POPE-style", results["pope"], "accuracy")
+        lines += _metric_table("captions", results["caption"], "exact") + [""]
     lines += ["## Pictures", ""] + [f"![{name}]({path})" for name, path in images.items()] + [""]
     lines += ["## Run", "", "```json", json.dumps(metrics["run"], indent=2), "```", ""]
     path = out / "report.md"
