@@ -33,7 +33,7 @@ from tarkit.data import tensor_to_image
 from tarkit.pipelines import ImageToText, TextToImage
 from tarkit.settings import record_generation_defaults
 from tarkit_plugins.detok.pixel_vq import PixelVQ
-from tarkit_plugins.shapesworld.curves import plot_stage
+from tarkit_plugins.shapesworld.curves import newest_log, plot_stage
 from tarkit_plugins.shapesworld.ladder import (
     Rung,
     bag_of_codes,
@@ -96,10 +96,10 @@ def stage_arguments(stage: Stage, recipes: Path, out: Path, quick: bool) -> list
 
 def headline(out: Path, stage: Stage) -> str:
     """The stage's preferred last-logged figure from its CSV log, e.g. ``val/psnr 22.71``."""
-    logs = sorted((out / "runs" / stage.name / "csv").glob("version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)
-    if not logs:
+    log = newest_log(out / "runs" / stage.name)
+    if log is None:
         return "no metrics logged"
-    logged = last_logged(logs[-1], "")
+    logged = last_logged(log, "")
     for key in stage.headline:
         if key in logged:
             return f"{key} {logged[key]:.3f}"
