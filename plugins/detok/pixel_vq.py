@@ -39,6 +39,10 @@ RECON_LOSSES = ("l2", "l1")
 class PixelVQConfig:
     """The architecture and loss weights of a :class:`PixelVQ`; the defaults are LlamaGen's VQ-16.
 
+    ``dead_code_threshold`` > 0 restarts, in training, every code whose running usage (codes chosen per step,
+    averaged over ~10 steps) falls below it at a random encoder output of the batch, as SoundStream and
+    vector-quantize-pytorch do; without it a small VQ settles on a few dozen codes and merges colours.
+
     ``image_size`` is what the model is used at (the network is convolutional: it sets the code grid,
     ``image_size // 2**(len(channel_mult) - 1)``, that a de-tokenizer generates).
     """
@@ -56,6 +60,7 @@ class PixelVQConfig:
     recon_loss: str = "l2"
     commitment_weight: float = 0.25
     entropy_weight: float = 0.0
+    dead_code_threshold: float = 0.0
 
     @property
     def downsample(self) -> int:
@@ -259,6 +264,9 @@ class VectorQuantizer(nn.Module):
         self.config = config
         self.embedding = nn.Embedding(config.codebook_size, config.codebook_dim)
         nn.init.uniform_(self.embedding.weight, -1.0 / config.codebook_size, 1.0 / config.codebook_size)
+        # Training state only (not saved: a folder keeps LlamaGen's keys). It starts at 0, so with restarts on
+        # the first training step initialises every code from the data.
+        self.register_buffer("usage", torch.zeros(config.codebook_size), persistent=False)
 
     def codebook(self) -> torch.Tensor:
         weight = self.embedding.weight
@@ -270,11 +278,17 @@ class VectorQuantizer(nn.Module):
         flat = z.permute(0, 2, 3, 1).reshape(-1, dim).float()
         if self.config.codebook_l2_norm:
             flat = F.normalize(flat, dim=-1)
+        restarting = self.training and self.config.dead_code_threshold > 0
+        if restarting:  # before the codebook enters this step's graph: an in-place edit later would break backward
+            self._restart_dead_codes(flat.detach())
         codebook = self.codebook().float()
         # In float32 even under mixed precision: bfloat16 distances would tie many of the 16,384 codes.
         with torch.autocast(z.device.type, enabled=False):
             distances = flat.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * flat @ codebook.t()
         indices = distances.argmin(dim=1)
+        if restarting:
+            counts = torch.bincount(indices, minlength=self.config.codebook_size).to(self.usage.dtype)
+            self.usage.mul_(0.9).add_(counts, alpha=0.1)
         quantized = codebook[indices]
         losses = {
             "codebook": F.mse_loss(quantized, flat.detach()),
@@ -285,6 +299,16 @@ class VectorQuantizer(nn.Module):
         straight = flat + (quantized - flat).detach()
         codes = straight.reshape(batch, height, width, dim).permute(0, 3, 1, 2).to(z.dtype)
         return codes, indices.reshape(batch, height, width), losses
+
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, flat: torch.Tensor) -> None:
+        """Move every code whose running usage is below the threshold onto a random vector of this batch."""
+        dead = (self.usage < self.config.dead_code_threshold).nonzero().flatten()
+        if len(dead):
+            picks = torch.randint(len(flat), (len(dead),), device=flat.device)
+            self.embedding.weight[dead] = flat[picks].to(self.embedding.weight.dtype)
+            self.usage[dead] = 1.0
 
 
 def entropy_loss(affinity: torch.Tensor, temperature: float = 0.01) -> torch.Tensor:

@@ -25,6 +25,7 @@ from tarkit.settings import GenerationDefaults, TarSettings, default_scale, tato
 from tarkit.tatok import TATok
 from tarkit.vocab import ImageVocabulary
 
+LOSS_WEIGHTINGS = ("token", "sample")
 IMAGE_LOSSES = ("image_rows", "full_vocab")
 
 
@@ -107,6 +108,17 @@ def image_aware_cross_entropy(
     return losses, correct
 
 
+def reduce_token_losses(token_loss: torch.Tensor, rows: torch.Tensor, weighting: str) -> torch.Tensor:
+    """The batch loss from per-token losses and each token's sample (row) index: the mean over tokens
+    (``token``) or the mean over samples of each sample's mean (``sample``)."""
+    if weighting == "token":
+        return token_loss.mean()
+    _, rows = rows.unique(return_inverse=True)  # only samples with supervised tokens count
+    counts = torch.bincount(rows).to(token_loss.dtype)
+    sums = torch.zeros_like(counts).index_add(0, rows, token_loss)
+    return (sums / counts).mean()
+
+
 class UnifiedLMModule(LightningModule):
     """Trains a causal LM on mixed tasks over TA-Tok codes (group ``tarkit.modules``).
 
@@ -125,6 +137,9 @@ class UnifiedLMModule(LightningModule):
         max_length: longest training sequence (tokens).
         image_loss: ``image_rows`` scores image-token targets over the image rows only (what constrained
             decoding samples from; far cheaper), ``full_vocab`` over the whole vocabulary (the reference's loss).
+        loss_weighting: ``token`` averages the loss over all supervised tokens of the batch (the reference's);
+            ``sample`` over each sample's tokens first, then over samples, so a two-token yes/no answer weighs as
+            much as a 729-token image (without it, short answers get ~2 % of the gradient in a mixed batch).
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up steps, then cosine decay.
@@ -151,6 +166,7 @@ class UnifiedLMModule(LightningModule):
         init_from_codebook: bool = True,
         max_length: int = 512,
         image_loss: str = "image_rows",
+        loss_weighting: str = "token",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 50,
@@ -167,6 +183,10 @@ class UnifiedLMModule(LightningModule):
         super().__init__()
         if image_loss not in IMAGE_LOSSES:
             raise ValueError(f"image_loss must be one of {', '.join(IMAGE_LOSSES)}, got {image_loss!r}")
+        if loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(
+                f"loss_weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got {loss_weighting!r}"
+            )
         self.save_hyperparameters(ignore=["lm"])
         self.tatok = TATok.from_pretrained(tatok).requires_grad_(False).eval()
         self.lm = lm
@@ -225,9 +245,10 @@ class UnifiedLMModule(LightningModule):
             token_loss, correct = image_aware_cross_entropy(hidden, self.lm.output_head, targets, self.vocab)
         else:
             token_loss, correct = chunked_cross_entropy(hidden, self.lm.output_head, targets)
-        loss = token_loss.mean()
+        token_rows = supervised.nonzero()[:, 0]
+        loss = reduce_token_losses(token_loss, token_rows, self.hparams.loss_weighting)
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=len(labels))
-        row_task = [batch["task"][row] for row in supervised.nonzero()[:, 0].tolist()]
+        row_task = [batch["task"][row] for row in token_rows.tolist()]
         for task in sorted(set(batch["task"])):
             mask = torch.tensor([t == task for t in row_task], device=self.device)
             rows = sum(t == task for t in batch["task"])

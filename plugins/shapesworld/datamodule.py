@@ -49,7 +49,7 @@ class ShapesWorldDataset(Dataset):
         size = self.sampler.size
         if task == "i2t":
             if rng.random() < self.pope_fraction:
-                question, label = rng.choice(self.sampler.pope_questions(example, rng))
+                question, label = self.sampler.training_question(example, rng)
                 return make_sample(task, size, question, answer_text(label), input_image=image)
             return make_sample(task, size, rng.choice(CAPTION_QUESTIONS), example.scene.describe(), input_image=image)
         if task == "t2i":

@@ -42,6 +42,29 @@ def test_forward_returns_losses_and_trains_encoder_through_the_straight_through_
     assert vq.encoder.conv_in.weight.grad.abs().sum() > 0
 
 
+def test_dead_code_restarts_spread_a_collapsed_codebook_over_the_data_and_keep_training():
+    torch.manual_seed(0)
+    z = 1 + 0.3 * torch.randn(4, 4, 8, 8)  # one small region of the micro VQ's 4-wide code space
+
+    def used_codes(threshold: float) -> tuple[int, PixelVQ]:
+        vq = micro_vq(dead_code_threshold=threshold)
+        optimizer = torch.optim.SGD(vq.parameters(), lr=0.1)
+        for _ in range(3):  # restarts edit the codebook in place between steps: backward must still work
+            _, _, losses = vq.quantize(z)
+            optimizer.zero_grad()
+            sum(losses.values()).backward()
+            optimizer.step()
+        return vq.eval().quantize(z)[1].unique().numel(), vq
+
+    collapsed, _ = used_codes(0.0)
+    spread, vq = used_codes(0.03)
+    assert spread > 2 * collapsed, (collapsed, spread)
+    before = vq.quantize.embedding.weight.clone()
+    vq.quantize(z)  # in eval nothing restarts
+    assert torch.equal(before, vq.quantize.embedding.weight)
+    assert "quantize.usage" not in vq.state_dict()  # training state: a saved folder keeps LlamaGen's keys
+
+
 def test_save_load_round_trip_keeps_codes_and_images(tmp_path):
     vq = micro_vq().eval()
     vq.save_pretrained(tmp_path / "vq")

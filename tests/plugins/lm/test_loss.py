@@ -5,7 +5,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from tarkit.vocab import ImageVocabulary
-from tarkit_plugins.lm.module import chunked_cross_entropy, image_aware_cross_entropy
+from tarkit_plugins.lm.module import chunked_cross_entropy, image_aware_cross_entropy, reduce_token_losses
 
 VOCAB = ImageVocabulary(im_start=20, im_end=21, scale_ids=(22, 23, 24), image_start=25, num_codes=8)
 
@@ -32,3 +32,13 @@ def test_text_only_batches_match_the_plain_loss():
     hidden, targets = torch.randn(3, 4), torch.tensor([1, 2, 21])
     assert torch.allclose(image_aware_cross_entropy(hidden, head, targets, VOCAB)[0],
                           chunked_cross_entropy(hidden, head, targets)[0])
+
+
+def test_sample_weighting_gives_every_sample_the_same_weight():
+    token_loss = torch.tensor([1.0, 1.0, 1.0, 5.0], requires_grad=True)  # sample 0: three tokens, sample 2: one
+    rows = torch.tensor([0, 0, 0, 2])
+    assert reduce_token_losses(token_loss, rows, "token").item() == 2.0
+    sample = reduce_token_losses(token_loss, rows, "sample")
+    assert sample.item() == 3.0  # (mean 1 + mean 5) / 2: the row without supervised tokens does not count
+    sample.backward()
+    assert torch.allclose(token_loss.grad, torch.tensor([1 / 6, 1 / 6, 1 / 6, 1 / 2]))

@@ -1,4 +1,5 @@
 import random
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -64,6 +65,22 @@ def test_pope_questions_are_balanced():
     sampler = SceneSampler("train", seed=0)
     labels = [label for i in range(50) for _, label in sampler.pope_questions(sampler.example(i), random.Random(i))]
     assert labels.count("yes") == labels.count("no") == 100
+
+
+def test_training_questions_are_true_and_their_wording_does_not_give_the_answer_away():
+    sampler = SceneSampler("train", seed=0)
+    counts = Counter()
+    for index in range(2000):
+        example = sampler.example(index)
+        question, label = sampler.training_question(example, random.Random(index))
+        thing = question.removeprefix("Is there ").removesuffix(" in the image?").split(" ", 1)[1]
+        *color, shape = thing.split()
+        present = any(s == shape and (not color or c == color[0]) for c, s in example.scene.combos())
+        assert label == ("yes" if present else "no"), question
+        counts[bool(color), label] += 1
+    for named in (True, False):  # P(yes | the question names a colour) = P(yes | it does not) = 1/2
+        yes, no = counts[named, "yes"], counts[named, "no"]
+        assert abs(yes / (yes + no) - 0.5) < 0.05, counts
 
 
 def test_edits_stay_in_split_and_change_the_scene():
