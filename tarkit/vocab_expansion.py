@@ -14,7 +14,6 @@ vocabulary (2 + 3 scales + 65,536 codes) gives 217,206 tokens and rows.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -24,6 +23,16 @@ from transformers import PreTrainedModel
 from tarkit.vocab import IM_END, IM_START, ImageVocabulary, VocabularyError, image_token, scale_token
 
 __all__ = ["check_vocabulary", "expand_vocabulary"]
+
+
+def orthonormal_map(codebook: torch.Tensor, width: int, seed: int = 0) -> torch.Tensor:
+    """``codebook [K, D]`` -> ``[K, width]`` through a fixed random map with orthonormal columns (or rows): into a
+    wider space it keeps every inner product and distance; into a narrower one it is a random projection."""
+    dim = codebook.shape[1]
+    gaussian = torch.randn(max(dim, width), min(dim, width), generator=torch.Generator().manual_seed(seed))
+    basis = torch.linalg.qr(gaussian).Q  # orthonormal columns
+    mapping = basis.T if dim < width else basis  # [D, width]
+    return codebook.float() @ mapping
 
 
 def expand_vocabulary(
@@ -41,9 +50,9 @@ def expand_vocabulary(
         tokenizer: its Hugging Face tokenizer, without any of the words to add.
         num_codes: ``K``, the TA-Tok codebook size (the paper's 65,536).
         num_scales: how many scale tokens ``<S0>..`` (the paper's 3: pool scales 1, 2, 3).
-        codebook: the TA-Tok codebook ``[K, D]``. When ``D`` is the LM width, image-token input rows are copied
-            from it (with tied embeddings the output rows are the same matrix); otherwise a warning says so and
-            they get the mean init like the rest.
+        codebook: the TA-Tok codebook ``[K, D]``: image-token input rows are copied from it (with tied
+            embeddings the output rows are the same matrix), through :func:`orthonormal_map` when ``D`` is not
+            the LM width, so distinct codes start as distinct rows at the codebook's distances.
 
     New rows are the mean of the existing tokens' rows (input and output matrices separately; an output bias
     likewise). Returns the new :class:`ImageVocabulary`.
@@ -67,12 +76,7 @@ def expand_vocabulary(
         if codebook.ndim != 2 or codebook.shape[0] != num_codes:
             raise ValueError(f"codebook must be [num_codes={num_codes}, D], got shape {tuple(codebook.shape)}")
         if codebook.shape[1] != width:
-            warnings.warn(
-                f"codebook width {codebook.shape[1]} differs from the LM width {width}: image-token rows get the "
-                "mean of the existing rows instead of the codebook",
-                stacklevel=2,
-            )
-            codebook = None
+            codebook = orthonormal_map(codebook, width)
 
     # The arguments are checked: only now do tokenizer and model change. <im_start>/<im_end> are special (decode
     # with skip_special_tokens drops them); scale and image tokens are plain added tokens, as in the reference.

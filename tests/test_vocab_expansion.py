@@ -4,7 +4,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from tarkit.tokenizers import load_tokenizer
 from tarkit.vocab import IM_END, IM_START, ImageVocabulary, VocabularyError, image_token, scale_token
-from tarkit.vocab_expansion import check_vocabulary, expand_vocabulary
+from tarkit.vocab_expansion import check_vocabulary, expand_vocabulary, orthonormal_map
 
 BASE = 278  # the byte-level stand-in tokenizer: 256 bytes + 22 Qwen2.5 added tokens
 
@@ -115,13 +115,16 @@ def test_image_token_input_rows_come_from_the_codebook_when_widths_match():
     assert torch.allclose(new_out[BASE:], old_out.mean(0).expand(vocab.image_end - BASE, -1))  # output: mean
 
 
-def test_a_codebook_of_another_width_falls_back_to_the_mean_with_a_warning():
+@pytest.mark.parametrize("dim", [8, 48])
+def test_a_codebook_of_another_width_arrives_through_a_fixed_orthonormal_map(dim):
     tokenizer, model = load_tokenizer("bytes"), tiny_lm()
-    old_in, _ = rows_of(model)
-    with pytest.warns(UserWarning, match="codebook width 8 differs from the LM width 32.*mean"):
-        vocab = expand_vocabulary(model, tokenizer, num_codes=16, codebook=torch.randn(16, 8))
-    new_in, _ = rows_of(model)
-    assert torch.allclose(new_in[vocab.image_start :], old_in.mean(0).expand(16, -1))
+    codebook = torch.randn(16, dim, generator=torch.Generator().manual_seed(0))
+    vocab = expand_vocabulary(model, tokenizer, num_codes=16, codebook=codebook)
+    rows = rows_of(model)[0][vocab.image_start : vocab.image_end]
+    assert rows.shape == (16, 32) and torch.equal(rows, orthonormal_map(codebook, 32))
+    if dim < 32:  # into the wider LM space every inner product (so every distance) is kept
+        assert torch.allclose(rows @ rows.T, codebook @ codebook.T, atol=1e-5)
+    assert torch.cdist(rows, rows).topk(2, largest=False).values[:, 1].min() > 0  # distinct codes, distinct rows
 
 
 def test_bad_requests_fail_before_changing_anything():

@@ -58,6 +58,8 @@ class ARConfig:
 
     ``mlp_hidden`` ``None`` is LlamaGen's SwiGLU width: ``2/3 * 4 * width`` rounded up to a multiple of 256.
     ``max_condition_tokens`` bounds the prefix with ``positions="absolute"`` (the reference's 729 = 27 x 27).
+    ``dense_condition`` (tarkit's, not the reference's) also adds each code's own region of the condition,
+    resized to the code grid and projected by ``dense_proj``, to the input that predicts that code.
     """
 
     width: int = 1280
@@ -73,6 +75,7 @@ class ARConfig:
     resid_dropout: float = 0.1
     ffn_dropout: float = 0.1
     condition_dropout: float = 0.1
+    dense_condition: bool = False
     init_std: float = 0.02
 
     @property
@@ -225,13 +228,15 @@ class AutoregressiveDeTokenizer(DeTokenizer):
         self.num_image_tokens = self.vq.grid_size**2
         cfg, width = self.config, self.config.width
         self.clip_proj = nn.Linear(condition_dim, width)
+        self.dense_proj = nn.Linear(condition_dim, width) if cfg.dense_condition else None
         self.tok_embeddings = nn.Embedding(self.vq.codebook_size, width)
         self.tok_dropout = nn.Dropout(cfg.token_dropout)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.depth))
         self.norm = nn.RMSNorm(width, eps=cfg.norm_eps)
         self.output = nn.Linear(width, self.vq.codebook_size, bias=False)
-        for module in (self.clip_proj, self.tok_embeddings, self.layers):
-            module.apply(self._init_weights)
+        for module in (self.clip_proj, self.dense_proj, self.tok_embeddings, self.layers):
+            if module is not None:
+                module.apply(self._init_weights)
         nn.init.zeros_(self.output.weight)  # LlamaGen starts from uniform next-code predictions
         if cfg.positions == "absolute":
             # The last code is never an input, hence the - 1.
@@ -279,8 +284,10 @@ class AutoregressiveDeTokenizer(DeTokenizer):
                 f"{tokens} condition tokens exceed this model's max_condition_tokens "
                 f"{self.config.max_condition_tokens}; pool the TA-Tok features at a larger scale"
             )
-        if self.config.positions == "rope2d" and math.isqrt(tokens) ** 2 != tokens:
-            raise ValueError(f"{tokens} condition tokens do not form a square grid, which rope2d positions need")
+        if (self.config.positions == "rope2d" or self.config.dense_condition) and math.isqrt(tokens) ** 2 != tokens:
+            raise ValueError(
+                f"{tokens} condition tokens do not form a square grid, which rope2d positions and dense_condition need"
+            )
 
     def _rope(self, prefix: int, start: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)`` ``[length, head_dim / 2]`` of the 2D rotary angles at sequence positions ``start..``."""
@@ -309,12 +316,24 @@ class AutoregressiveDeTokenizer(DeTokenizer):
             h = layer(h, start, None if caches is None else caches[i], rope)
         return self.norm(h)
 
+    def _dense(self, condition: torch.Tensor) -> torch.Tensor | None:
+        """With ``dense_condition``: ``[B, n, width]``, row ``i`` the projected condition over code ``i``'s region."""
+        if self.dense_proj is None:
+            return None
+        side, grid = math.isqrt(condition.shape[1]), self.vq.grid_size
+        cells = condition.transpose(1, 2).reshape(len(condition), -1, side, side)
+        regions = F.interpolate(cells, size=(grid, grid), mode="bilinear", align_corners=False)
+        return self.dense_proj(regions.flatten(2).transpose(1, 2))
+
     def logits(self, condition: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Teacher-forced next-code logits ``[B, n, K]``: row ``i`` predicts ``codes[:, i]`` from the condition
         ``[B, N, C]`` and ``codes[:, :i]``. No condition dropout here (see :meth:`loss`)."""
         self._check_condition(condition)
         prefix = condition.shape[1]
         h = torch.cat([self.clip_proj(condition), self.tok_embeddings(codes[:, :-1])], dim=1)
+        dense = self._dense(condition)
+        if dense is not None:  # the inputs at positions prefix - 1 + i predict code i
+            h = torch.cat([h[:, : prefix - 1], h[:, prefix - 1 :] + dense[:, : codes.shape[1]]], dim=1)
         return self.output(self._transformer(h, prefix, 0)[:, prefix - 1 :]).float()
 
     def loss(self, condition: torch.Tensor, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -359,7 +378,11 @@ class AutoregressiveDeTokenizer(DeTokenizer):
             KVCache(*(rows.new_zeros(batch, self.config.heads, length, head_dim, dtype=dtype) for _ in range(2)))
             for _ in self.layers
         ]
-        hidden = self._transformer(self.clip_proj(rows.to(dtype)), prefix, 0, caches)[:, -1]
+        prefill = self.clip_proj(rows.to(dtype))
+        dense = self._dense(rows.to(dtype))
+        if dense is not None:
+            prefill = torch.cat([prefill[:, :-1], prefill[:, -1:] + dense[:, :1]], dim=1)
+        hidden = self._transformer(prefill, prefix, 0, caches)[:, -1]
         codes = []
         for step in range(self.num_image_tokens):
             logits = self.output(hidden).float()
@@ -370,6 +393,8 @@ class AutoregressiveDeTokenizer(DeTokenizer):
             codes.append(code)
             if step + 1 < self.num_image_tokens:
                 token = self.tok_embeddings(code.repeat(2) if guided else code)[:, None]
+                if dense is not None:
+                    token = token + dense[:, step + 1 : step + 2]
                 hidden = self._transformer(token, prefix, prefix + step, caches)[:, -1]
         return torch.stack(codes, dim=1)
 

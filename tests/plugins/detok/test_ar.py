@@ -64,14 +64,25 @@ def test_sample_has_image_shape_and_range_for_any_square_prefix(tokens):
     assert detok.image_size == 16 and detok.condition_dim == 12 and detok.num_image_tokens == 16
 
 
-@pytest.mark.parametrize("positions", ["absolute", "rope2d"])
+@pytest.mark.parametrize(("positions", "dense"), [("absolute", False), ("rope2d", False), ("rope2d", True)])
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
-def test_cached_sampling_equals_full_recomputation_and_cfg_one_is_unguided(positions, cfg_scale):
-    detok, cond = tiny(positions=positions), condition(tokens=9)
+def test_cached_sampling_equals_full_recomputation_and_cfg_one_is_unguided(positions, dense, cfg_scale):
+    detok, cond = tiny(positions=positions, dense_condition=dense), condition(tokens=9)
     codes = detok.sample_codes(cond, cfg_scale=cfg_scale, generator=seeded())
     assert torch.equal(codes, naive_codes(detok, cond, cfg_scale, seeded()))
     if cfg_scale != 1:
         assert not torch.equal(codes, detok.sample_codes(cond, generator=seeded()))
+
+
+def test_dense_condition_gives_each_code_the_condition_over_its_own_region():
+    detok = tiny(positions="rope2d", dense_condition=True)
+    cond = torch.zeros(1, 4, 12)  # a 2 x 2 grid over the 4 x 4 codes; only the top-left cell carries features
+    cond[0, 0] = 5.0
+    regions = detok._dense(cond) - detok.dense_proj.bias
+    touched = regions.abs().sum(-1).reshape(4, 4) > 1e-6
+    assert touched[0, 0] and not touched[3, 3]  # the bottom-right codes lie outside the top-left cell's reach
+    plain = tiny(positions="rope2d")
+    assert plain.dense_proj is None and "dense_proj.weight" not in plain.state_dict()
 
 
 @pytest.mark.parametrize(("cfg_scale", "rows"), [(1.0, 2), (4.0, 4)])
