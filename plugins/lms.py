@@ -20,9 +20,9 @@ from transformers.utils import logging as hf_logging
 from tarkit.interfaces import LanguageModel
 from tarkit.paths import resolve_path
 from tarkit.pretrained import PretrainedLoadError, resolve_pretrained_dir
-from tarkit.tokenizers import QWEN2, TOKENIZER_FILES, load_tokenizer
 from tarkit.vocab import IM_START, ImageVocabulary
-from tarkit.vocab_expansion import check_vocabulary, expand_vocabulary
+from tarkit_plugins.lm.tokenizers import QWEN2, TOKENIZER_FILES, load_tokenizer
+from tarkit_plugins.lm.vocab_expansion import check_vocabulary, expand_vocabulary
 
 LM_PRESETS: dict[str, dict[str, Any]] = {
     # CPU miniature. The vocabulary (set from the tokenizer) dominates: tied embeddings keep one matrix of it.
@@ -135,7 +135,8 @@ class HFCausalLM(LanguageModel):
 
     Built from a pretrained folder (a plain LM, or an already expanded Tar LM such as Tar-1.5B), or untrained
     from a preset. When ``num_codes`` is given and the vocabulary lacks image words, it is expanded at
-    construction (:func:`tarkit.vocab_expansion.expand_vocabulary`); when it has them, their count must match.
+    construction (:func:`tarkit_plugins.lm.vocab_expansion.expand_vocabulary`); when it has them, their count
+    must match.
     Without ``num_codes`` a plain LM stays plain: it works as a language model, and :attr:`vocab` raises
     :class:`~tarkit.vocab.VocabularyError` until :meth:`ensure_image_vocabulary` expands it.
 

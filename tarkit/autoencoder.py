@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from tarkit.interfaces import DeTokenizer
-from tarkit.tatok import TATok, TextAlignedTokenizer
+from tarkit.tatok import TATok, load_tatok
 
 
 def load_detokenizer(path: str) -> DeTokenizer:
@@ -45,7 +45,7 @@ class MMAutoEncoder:
         cfg_scale: float = 1.0,
         **sampling: Any,
     ):
-        self.tatok = (TextAlignedTokenizer.from_checkpoint(tatok).tatok if isinstance(tatok, str) else tatok).eval()
+        self.tatok = (load_tatok(tatok).tatok if isinstance(tatok, str) else tatok).eval()
         self.detokenizer = (load_detokenizer(detokenizer) if isinstance(detokenizer, str) else detokenizer).eval()
         if self.detokenizer.condition_dim != self.tatok.encoder.width:
             raise ValueError(

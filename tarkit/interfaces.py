@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -96,6 +97,22 @@ class Quantizer(PretrainedMixin, nn.Module, ABC):
         """The vectors ``[..., D]`` that ``forward`` outputs for these code ``indices`` (override when the
         quantizer transforms codes, e.g. l2-normalises them)."""
         return codebook[indices]
+
+
+class TATokConverter(ABC):
+    """Reads another implementation's TA-Tok file into a tarkit TA-Tok (group ``tarkit.tatok_converters``).
+
+    :func:`tarkit.tatok.load_tatok` asks every installed converter whether it :meth:`accepts` a file and loads it
+    with the one that does, so a third-party tokenizer brings its own format with no core edit.
+    """
+
+    @abstractmethod
+    def accepts(self, path: Path) -> bool:
+        """Whether this converter reads ``path`` (cheap: by name or a peek, never a full load)."""
+
+    @abstractmethod
+    def load(self, path: Path, load_teacher: bool = False, **options: Any) -> Any:
+        """A :class:`tarkit.tatok.LoadedTATok`; ``options`` are the converter's own (documented there)."""
 
 
 class DeTokenizer(PretrainedMixin, nn.Module, ABC):

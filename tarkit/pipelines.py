@@ -30,6 +30,7 @@ from typing import Any, Self
 import torch
 from PIL import Image
 
+from tarkit import tatok as tatoks
 from tarkit.autoencoder import MMAutoEncoder
 from tarkit.data import ImageInput, images_to_batch
 from tarkit.generation import generate_image_codes, generate_text
@@ -39,7 +40,7 @@ from tarkit.prompts import image_ids, user_prefix
 from tarkit.reflect import DEFAULT_QUESTION, best_of, prompt_log_likelihood
 from tarkit.registry import import_from_string, registry
 from tarkit.settings import TarSettings, read_settings, settings_of
-from tarkit.tatok import TATok, TextAlignedTokenizer
+from tarkit.tatok import TATok
 from tarkit.vocab import ImageVocabulary
 
 Images = ImageInput | Sequence[ImageInput]
@@ -58,14 +59,24 @@ def _caller_level() -> int:
     return level
 
 
-def load_lm(path: PathLike, lm: str = "hf_causal_lm") -> LanguageModel:
-    """A Tar LM folder through the registered LM plugin ``lm``."""
-    return registry.get("tarkit.lms", lm).from_pretrained(os.fspath(path))
+def load_lm(path: PathLike, lm: str | None = None) -> LanguageModel:
+    """A Tar LM folder through the registered LM plugin ``lm``: by default the one the folder records
+    (``lm_plugin``), else the only one installed."""
+    name = lm or read_settings(path).lm_plugin
+    if name is None:
+        installed = sorted(registry.load_group("tarkit.lms"))
+        if len(installed) != 1:
+            raise ValueError(
+                f"{os.fspath(path)} does not record its LM plugin and {len(installed)} are installed "
+                f"({', '.join(installed)}); pass lm=NAME"
+            )
+        name = installed[0]
+    return registry.get("tarkit.lms", name).from_pretrained(os.fspath(path))
 
 
 def load_tatok(path: PathLike) -> TATok:
     """A TA-Tok folder or the reference's ``ta_tok.pth``."""
-    return TextAlignedTokenizer.from_checkpoint(os.fspath(path)).tatok
+    return tatoks.load_tatok(os.fspath(path)).tatok.eval()
 
 
 def recorded_tatok(settings: TarSettings, lm_folder: Path | None) -> Path | None:

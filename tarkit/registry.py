@@ -23,6 +23,7 @@ GROUPS: tuple[str, ...] = (
     "tarkit.encoders",
     "tarkit.codebooks",
     "tarkit.quantizers",
+    "tarkit.tatok_converters",
     "tarkit.detokenizers",
     "tarkit.lms",
     "tarkit.datamodules",
@@ -37,6 +38,7 @@ GROUP_BASES: dict[str, str] = {
     "tarkit.encoders": "tarkit.interfaces:VisionEncoder",
     "tarkit.codebooks": "tarkit.interfaces:CodebookProjection",
     "tarkit.quantizers": "tarkit.interfaces:Quantizer",
+    "tarkit.tatok_converters": "tarkit.interfaces:TATokConverter",
     "tarkit.detokenizers": "tarkit.interfaces:DeTokenizer",
     "tarkit.lms": "tarkit.interfaces:LanguageModel",
     "tarkit.datamodules": "lightning.pytorch:LightningDataModule",
@@ -181,6 +183,10 @@ class Registry:
         if name not in loaded:
             raise UnknownPartError([group], name, {group: sorted(loaded)})
         return loaded[name]
+
+    def name_of(self, group: str, cls: type) -> str | None:
+        """The name ``cls`` is registered under in ``group`` (None if it is not registered there)."""
+        return next((name for name, obj in self.load_group(group).items() if obj is cls), None)
 
     def create(self, group: str, name: str, **kwargs: object) -> object:
         """Instantiate a registered part by short name (``timm.create_model`` style)."""

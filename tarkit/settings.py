@@ -7,10 +7,12 @@ Everything sits under one custom ``"tar"`` key, which ``GenerationConfig.from_pr
       "train_scales": [2],
       "tatok": {"path": "root:checkpoints/tatok", "path_from_lm": "../tatok",
                 "pool_scales": [1, 2, 3], "num_codes": 1024},
-      "generation": {"scale": 2, "cfg_scale": 1.0, "temperature": 1.0, "top_k": 1200, "top_p": 0.95}
+      "generation": {"scale": 2, "cfg_scale": 1.0, "temperature": 1.0, "top_k": 1200, "top_p": 0.95},
+      "lm_plugin": "hf_causal_lm"
     }
 
-``train_scales``: the pool scales the LM was trained on. ``tatok``: the TA-Tok it was trained with, its path
+``train_scales``: the pool scales the LM was trained on. ``lm_plugin``: the ``tarkit.lms`` name of the plugin
+that wrote the folder (what the pipelines load it with). ``tatok``: the TA-Tok it was trained with, its path
 as given to training, the same TA-Tok relative to the LM folder (what loading tries first: it still holds when
 the stages' folders move together) and the shape the LM's image and scale tokens assume. ``generation``: the
 defaults the pipelines use when a call does not set them; ``scale`` serves both pipelines, the rest is
@@ -61,6 +63,7 @@ class TarSettings:
     train_scales: list[int] | None = None
     tatok: TATokRecord | None = None
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
+    lm_plugin: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

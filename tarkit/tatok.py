@@ -13,7 +13,8 @@ Submodules carry the official checkpoint's names (``encoder``, ``encode_task_lay
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -146,70 +147,42 @@ class TATok(PretrainedMixin, nn.Module):
         return encoding, self.decode_latent(encoding.latent)
 
 
-INPUT_TYPES = ("indices", "quant", "rec")
+class LoadedTATok(NamedTuple):
+    """What :func:`load_tatok` returns."""
+
+    tatok: TATok
+    teacher: nn.Module | None  # the frozen teacher encoder, when asked for and the file has one
+    pool_scale: int  # the file's default pool scale (1 for a tarkit folder)
 
 
-class TextAlignedTokenizer(nn.Module):
-    """The reference implementation's API (csuhan/Tar ``TextAlignedTokenizer``) over a :class:`TATok`.
+def load_tatok(
+    path: str | Path, load_teacher: bool = False, converter: str | None = None, **options: Any
+) -> LoadedTATok:
+    """A TA-Tok from a tarkit folder (``save_pretrained``) or from another implementation's file, read by the
+    installed converter (group ``tarkit.tatok_converters``) that accepts it, or by ``converter`` by name;
+    ``options`` go to the converter (e.g. the reference's ``ta_tok.pth``: ``encoder_config``, ``quantizer``)."""
+    from tarkit.paths import resolve_path
+    from tarkit.pretrained import PretrainedLoadError
+    from tarkit.registry import registry
 
-    ``tok(images)["encoded"]`` is, by ``input_type``: ``"indices"`` the code ids ``[B, n]`` (what the LLM
-    reads), ``"quant"`` the quantized vectors ``[B, n, D]``, or ``"rec"`` the decoded teacher-like features
-    ``[B, n, C]``. Only ``"rec"`` runs the feature decoder.
-    """
+    resolved = resolve_path(str(path))
+    if resolved.is_dir():
+        if load_teacher:
+            raise ValueError(f"{path} is a tarkit folder, which holds no separate teacher; use load_teacher=False")
+        if options or converter:
+            raise ValueError(f"{path} is a tarkit folder: converter options apply to files only; drop them")
+        return LoadedTATok(TATok.from_pretrained(resolved), None, 1)
+    if not resolved.is_file():
+        raise PretrainedLoadError(f"{path}: no such checkpoint file or TA-Tok folder")
+    if converter is None:
+        installed = registry.load_group("tarkit.tatok_converters")
+        accepting = [name for name, cls in installed.items() if cls().accepts(resolved)]
+        if len(accepting) != 1:
+            found = f"{len(accepting)} do ({', '.join(accepting)})" if accepting else "none does"
+            raise PretrainedLoadError(
+                f"{path}: of the installed TA-Tok converters ({', '.join(installed) or 'none'}), {found}; pass a "
+                "tarkit folder, or converter=NAME"
+            )
+        converter = accepting[0]
+    return registry.get("tarkit.tatok_converters", converter)().load(resolved, load_teacher=load_teacher, **options)
 
-    def __init__(self, tatok: TATok, input_type: str = "quant", pool_scale: int = 1, teacher: nn.Module | None = None):
-        super().__init__()
-        if input_type not in INPUT_TYPES:
-            raise ValueError(f"input_type must be one of {', '.join(INPUT_TYPES)}, got {input_type!r}")
-        self.tatok, self.input_type, self.teacher = tatok, input_type, teacher
-        self.pool_scale = tatok.check_scale(pool_scale)
-
-    @classmethod
-    def from_checkpoint(
-        cls,
-        path: str,
-        load_teacher: bool = False,
-        input_type: str = "quant",
-        pool_scale: int | None = None,
-        **official: Any,
-    ) -> TextAlignedTokenizer:
-        """A tarkit TA-Tok folder (``save_pretrained``) or the reference's ``ta_tok.pth`` (``official`` goes to
-        :func:`tarkit.official.load_official_tatok`); loaded in eval mode. ``pool_scale`` ``None`` is the
-        reference file's ``args["pool_scale"]``, else 1."""
-        from tarkit.official import load_official_tatok
-        from tarkit.paths import resolve_path
-
-        resolved = resolve_path(path)
-        teacher, file_scale = None, 1
-        if resolved.is_dir():
-            if load_teacher:
-                raise ValueError(f"{path} is a tarkit folder, which holds no separate teacher; use load_teacher=False")
-            tatok = TATok.from_pretrained(resolved)
-        else:
-            tatok, teacher, file_scale = load_official_tatok(resolved, load_teacher=load_teacher, **official)
-        return cls(tatok, input_type, file_scale if pool_scale is None else pool_scale, teacher).eval()
-
-    def encode(self, images: torch.Tensor, scale: int | None = None) -> torch.Tensor:
-        """Images ``[B, 3, H, W]`` in ``[0, 1]`` -> code indices ``[B, n]``."""
-        return self.tatok.tokenize(images, self.pool_scale if scale is None else scale)
-
-    def decode_features(self, indices: torch.Tensor) -> torch.Tensor:
-        """Code indices ``[B, n]`` -> teacher-like features ``[B, n, C]``."""
-        return self.tatok.decode_features(indices)
-
-    def forward(self, images: torch.Tensor, pool_scale: int | None = None) -> dict[str, Any]:
-        encoding = self.tatok.encode(images, self.pool_scale if pool_scale is None else pool_scale)
-        outputs = {
-            "bottleneck_rep": encoding.indices,
-            "regularized_z": encoding.quantized,
-            "pool_scale": encoding.scale,
-            "vq_loss": encoding.loss,
-            **encoding.metrics,
-        }
-        if self.input_type == "indices":
-            outputs["encoded"] = encoding.indices
-        elif self.input_type == "quant":
-            outputs["encoded"] = encoding.quantized
-        else:
-            outputs["encoded"] = self.tatok.decode_latent(encoding.latent)
-        return outputs

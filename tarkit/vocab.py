@@ -76,7 +76,7 @@ class ImageVocabulary:
         if missing:
             raise VocabularyError(
                 f"the tokenizer has no {', '.join(missing)}: it is not a Tar vocabulary; expand it with "
-                "tarkit.vocab_expansion.expand_vocabulary (or load a Tar model folder)"
+                "its LM plugin (LanguageModel.ensure_image_vocabulary) or load a Tar model folder"
             )
         scales = []
         while scale_token(len(scales)) in vocab:

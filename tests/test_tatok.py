@@ -2,10 +2,11 @@ import pytest
 import torch
 from torch import nn
 
-from tarkit.tatok import TATok, TextAlignedTokenizer, pool_tokens
+from tarkit.tatok import TATok, pool_tokens
 from tarkit_plugins.codebooks import LearnedCodebook, TextAlignedCodebook
 from tarkit_plugins.encoders import SigLIP2Encoder
 from tarkit_plugins.quantizers import SimVQ
+from tarkit_plugins.tatok.reference_api import TextAlignedTokenizer
 
 TINY_DECODER = {"num_attention_heads": 4, "intermediate_size": 128, "num_patches": 144, "vision_use_head": False}
 

@@ -43,9 +43,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from tarkit.checkpoints import read_official_spec
 from tarkit.generation import sample_next
 from tarkit.interfaces import DeTokenizer
-from tarkit.official import read_official_spec
 from tarkit.pretrained import PretrainedLoadError, check_state_dict
 from tarkit_plugins.detok.pixel_vq import PixelVQ, load_pixel_vq
 

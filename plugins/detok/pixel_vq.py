@@ -24,9 +24,9 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torch.nn import functional as F
 
+from tarkit.checkpoints import load_checkpoint
 from tarkit.data import sample_images
 from tarkit.evaluation import psnr
-from tarkit.official import load_checkpoint
 from tarkit.optim import adamw_warmup_cosine
 from tarkit.paths import resolve_path
 from tarkit.pretrained import PretrainedLoadError, PretrainedMixin, check_state_dict

@@ -328,4 +328,5 @@ class UnifiedLMModule(LightningModule):
             train_scales=self.train_scales,
             tatok=tatok_record(hp.tatok, folder, self.tatok.pool_scales, self.tatok.num_codes),
             generation=GenerationDefaults(scale=default_scale(self.train_scales), cfg_scale=hp.cfg_scale),
+            lm_plugin=registry.name_of("tarkit.lms", type(self.lm)),
         )

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tarkit.tatok import TextAlignedTokenizer
+from tarkit.tatok import load_tatok
 from tarkit_plugins.shapesworld.ladder import (
     batched,
     geneval_stderr,
@@ -56,7 +56,7 @@ def test_renders_and_reconstructions_scored_against_other_prompts_drop(scenes):
 
 
 def test_a_probe_on_features_of_other_images_falls_to_chance(quick_demo):
-    tatok = TextAlignedTokenizer.from_checkpoint(str(quick_demo / "checkpoints" / "tatok")).tatok
+    tatok = load_tatok(quick_demo / "checkpoints" / "tatok").tatok.eval()
     pairs = sorted(SPLITS["train"])
     fit = [SceneSampler("train", seed=0).example(i) for i in range(300)]
     test = [SceneSampler("train", seed=5).example(i) for i in range(150)]

@@ -1,9 +1,10 @@
-"""Loading the reference implementation's checkpoint files (csuhan/Tar) into tarkit models.
+"""The reference implementation's ``ta_tok.pth`` (csuhan/Tar) as a tarkit :class:`~tarkit.tatok.TATok`.
 
 ``ta_tok.pth`` is ``{"model": {"args": {...constructor kwargs...}, "sd": state_dict}}``. It is read with
 ``torch.load(weights_only=True)`` (no unpickling of code), its architecture built from ``args`` as the reference
 builds it (the teacher's config when at hand, else the weights' shapes), its keys mapped onto tarkit's names, and
-every missing, unexpected or wrongly shaped key reported in one error.
+every missing, unexpected or wrongly shaped key reported in one error. Registered as the ``tar_reference``
+converter (group ``tarkit.tatok_converters``), which :func:`tarkit.tatok.load_tatok` asks for such files.
 """
 
 from __future__ import annotations
@@ -11,37 +12,18 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
+from tarkit.checkpoints import read_official_spec, spec_args
+from tarkit.interfaces import TATokConverter
 from tarkit.paths import resolve_path
 from tarkit.pretrained import PretrainedLoadError, check_state_dict
-from tarkit.registry import registry
-
-
-def load_checkpoint(path: str | Path) -> Any:
-    """A ``torch.save`` file read with ``weights_only=True`` (tensors and plain containers, never code)."""
-    path = resolve_path(str(path))
-    if not path.is_file():
-        raise PretrainedLoadError(f"{path}: no such checkpoint file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle, zip and weights-only refusals all mean the same thing to the user
-        raise PretrainedLoadError(
-            f"{path} cannot be read as a weights-only torch checkpoint ({type(err).__name__}: {str(err)[:200]})"
-        ) from err
-
-
-def read_official_spec(path: str | Path) -> tuple[str | None, dict[str, Any], dict[str, torch.Tensor]]:
-    """``(name, args, state_dict)`` of a reference ``{"model": {"name", "args", "sd"}}`` file, loaded without
-    unpickling code (``name`` is ``None`` where the file has none, as ``ta_tok.pth``)."""
-    checkpoint = load_checkpoint(path)
-    model = checkpoint.get("model") if isinstance(checkpoint, dict) else None
-    if not isinstance(model, dict) or not isinstance(model.get("sd"), dict):
-        found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise PretrainedLoadError(f"{path} is not in the reference layout {{'model': {{'args', 'sd'}}}}; found {found}")
-    return model.get("name"), dict(model.get("args") or {}), model["sd"]
+from tarkit.tatok import LoadedTATok, TATok
+from tarkit_plugins.codebooks import TextAlignedCodebook
+from tarkit_plugins.encoders import SigLIP2Encoder
+from tarkit_plugins.quantizers import SimVQ
 
 
 def _require(state: dict[str, torch.Tensor], key: str, source: str) -> torch.Tensor:
@@ -53,17 +35,6 @@ def _require(state: dict[str, torch.Tensor], key: str, source: str) -> torch.Ten
 def _depth(state: dict[str, torch.Tensor], prefix: str) -> int:
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
     return 1 + max((int(m.group(1)) for k in state if (m := pattern.match(k))), default=-1)
-
-
-def _spec_args(spec: Any, name: str, source: str) -> dict[str, Any]:
-    """The ``args`` of a reference ``{"name": name, "args": {...}}`` part spec (``{}`` if the file has none)."""
-    if spec is None:
-        return {}
-    if not isinstance(spec, dict) or not isinstance(spec.get("args", {}), dict):
-        raise PretrainedLoadError(f"{source}: args holds {spec!r} where a {{'name', 'args'}} spec of {name!r} belongs")
-    if spec.get("name", name) != name:
-        raise PretrainedLoadError(f"{source}: its {spec['name']!r} part is not the {name!r} TA-Tok uses; unsupported")
-    return dict(spec.get("args") or {})
 
 
 # Attention heads are the one shape the weights cannot tell: the SigLIP / SigLIP2 towers by width (B/16, L/16,
@@ -180,21 +151,13 @@ def _codebook(bottleneck: dict[str, Any], regularizer: dict[str, Any], state: di
     """SimVQ's ``embedding`` and ``embedding_proj`` as a ``text_aligned`` codebook of the args' size."""
     embedding = _require(state, "bottleneck.regularizer.embedding.weight", source)
     dim = int(bottleneck.get("bottleneck_dim", embedding.shape[1]))
-    return registry.get("tarkit.codebooks", "text_aligned")(
+    return TextAlignedCodebook(
         embeddings=None,
         num_codes=int(regularizer.get("codebook_size", embedding.shape[0])),
         dim=dim if dim > 0 else width,  # the reference's bottleneck_dim <= 0 keeps the encoder's width
         embedding_width=embedding.shape[1],
         l2_normalize=False,  # the quantizer normalises, as the reference's SimVQ does
     )
-
-
-class OfficialTATok(NamedTuple):
-    """What :func:`load_official_tatok` returns."""
-
-    tatok: Any  # the TATok
-    teacher: Any | None  # the frozen teacher encoder, when asked for
-    pool_scale: int  # the file's default pool scale (args["pool_scale"], else 1)
 
 
 def load_official_tatok(
@@ -204,8 +167,9 @@ def load_official_tatok(
     decoder_config: dict[str, Any] | None = None,
     pool_scales: list[int] | None = None,
     quantizer: dict[str, Any] | None = None,
-) -> OfficialTATok:
-    """A :class:`~tarkit.tatok.TATok` from the reference's ``ta_tok.pth``, built as the reference builds it.
+) -> LoadedTATok:
+    """A :class:`~tarkit.tatok.TATok` (with its teacher and pool scale) from the reference's ``ta_tok.pth``, built
+    as the reference builds it.
 
     The encoder is the SigLIP tower of ``args["teacher"]`` when that config is at hand (a local folder, the hub
     cache, or the hub when reachable), else the weights' shapes plus the known heads for the width; it reads
@@ -224,24 +188,21 @@ def load_official_tatok(
         pool_scales: scales to serve (default 1, 2, 3).
         quantizer: ``simvq`` arguments overriding the ones the file's args give.
     """
-    from tarkit.tatok import TATok
-
     _, args, state = read_official_spec(path)
     source = str(path)
-    bottleneck = _spec_args(args.get("bottleneck"), "bottleneck", source)
-    regularizer = _spec_args(bottleneck.get("regularizer"), "simvq", source)
-    encoder_cls = registry.get("tarkit.encoders", "siglip2")
-    architecture = _encoder_architecture(args, state, source, encoder_cls.ARCHITECTURE_KEYS, encoder_config or {})
+    bottleneck = spec_args(args.get("bottleneck"), "bottleneck", source)
+    regularizer = spec_args(bottleneck.get("regularizer"), "simvq", source)
+    architecture = _encoder_architecture(args, state, source, SigLIP2Encoder.ARCHITECTURE_KEYS, encoder_config or {})
     tower = {
         "preset": None,
         "config": architecture,
         "select_layer": int(args.get("select_layer_id", -2)),
         **_input_normalisation(state, source),
     }
-    encoder = encoder_cls(**tower)
+    encoder = SigLIP2Encoder(**tower)
     codebook = _codebook(bottleneck, regularizer, state, encoder.width, source)
     simvq_args = _quantizer_args(regularizer, state, source) | (quantizer or {})
-    simvq = registry.get("tarkit.quantizers", "simvq")(**simvq_args)
+    simvq = SimVQ(**simvq_args)
     tatok = TATok(encoder, codebook, simvq, pool_scales, int(args.get("decoder_depth", 3)), decoder_config)
 
     # Applied above rather than loaded: the normalisation buffers and the learned temperature (when args use it).
@@ -256,10 +217,10 @@ def load_official_tatok(
         teacher_state = {f"model.{k.removeprefix('teacher.')}": v for k, v in state.items() if k.startswith("teacher.")}
         if not teacher_state:
             raise PretrainedLoadError(f"{source} has no teacher.* weights; use load_teacher=False")
-        teacher = encoder_cls(**tower)
+        teacher = SigLIP2Encoder(**tower)
         _load_checked(teacher, teacher_state, kept, "model.", f"{source} (teacher)")
         teacher.requires_grad_(False).eval()
-    return OfficialTATok(tatok, teacher, int(args.get("pool_scale", 1)))
+    return LoadedTATok(tatok, teacher, int(args.get("pool_scale", 1)))
 
 
 def _load_checked(module: torch.nn.Module, state: dict, kept_layers: int, encoder_prefix: str, source: str) -> None:
@@ -306,3 +267,15 @@ def _unused_encoder_keys(state: dict[str, torch.Tensor], kept_layers: int, prefi
         ):
             unused.add(key)
     return unused
+
+
+class ReferenceTATokConverter(TATokConverter):
+    """The reference's ``ta_tok.pth`` (``tar_reference`` in ``tarkit.tatok_converters``): files named ``*.pth`` or
+    ``*.pt``; ``options`` are :func:`load_official_tatok`'s."""
+
+    def accepts(self, path: Path) -> bool:
+        return path.suffix in (".pth", ".pt")
+
+    def load(self, path: Path, load_teacher: bool = False, **options: Any) -> LoadedTATok:
+        return load_official_tatok(path, load_teacher=load_teacher, **options)
+

@@ -2,9 +2,9 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from tarkit.tokenizers import load_tokenizer
 from tarkit.vocab import IM_END, IM_START, ImageVocabulary, VocabularyError, image_token, scale_token
-from tarkit.vocab_expansion import check_vocabulary, expand_vocabulary, orthonormal_map
+from tarkit_plugins.lm.tokenizers import load_tokenizer
+from tarkit_plugins.lm.vocab_expansion import check_vocabulary, expand_vocabulary, orthonormal_map
 
 BASE = 278  # the byte-level stand-in tokenizer: 256 bytes + 22 Qwen2.5 added tokens
 

@@ -65,7 +65,7 @@ def expand_vocabulary(
     if present:
         raise VocabularyError(
             f"the tokenizer already has {', '.join(present[:4])}{' ...' if len(present) > 4 else ''}: it is (partly) "
-            "expanded; check it with tarkit.vocab_expansion.check_vocabulary instead of expanding it again"
+            "expanded; check it with tarkit_plugins.lm.vocab_expansion.check_vocabulary instead of expanding it again"
         )
     base = len(tokenizer)
     input_embeddings = model.get_input_embeddings()

@@ -27,10 +27,11 @@ from transformers import (
 )
 
 from tarkit.pretrained import PretrainedLoadError
-from tarkit.tatok import TATok, TextAlignedTokenizer
-from tarkit.tokenizers import load_tokenizer
+from tarkit.tatok import TATok
 from tarkit.vocab import ImageVocabulary
+from tarkit_plugins.lm.tokenizers import load_tokenizer
 from tarkit_plugins.lms import HFCausalLM
+from tarkit_plugins.tatok.reference_api import TextAlignedTokenizer
 
 # 36 px / patch 6 = a 6 x 6 grid (36, 9 and 4 tokens at scales 1, 2, 3). Three heads: no known SigLIP width, so
 # only the teacher's config can tell them. Width 48 suits the decoder's default 12 heads.

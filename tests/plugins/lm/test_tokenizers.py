@@ -8,7 +8,7 @@ from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen
 
 from tarkit import tokenizers
 from tarkit.paths import resolve_path
-from tarkit.tokenizers import (
+from tarkit_plugins.lm.tokenizers import (
     QWEN2_PATTERN,
     QWEN25_PLAIN_ADDED_TOKENS,
     QWEN25_SPECIAL_TOKENS,
