@@ -25,12 +25,19 @@ def warmup_cosine(warmup_steps: int, total_steps: int, floor: float = 0.1):  # n
 
 
 def adamw_warmup_cosine(
-    module: nn.Module, lr: float, weight_decay: float, warmup_steps: int, total_steps: int
+    params: list[nn.Parameter],
+    lr: float,
+    weight_decay: float,
+    warmup_steps: int | None,
+    total_steps: int,
+    owner: str = "the module",
 ) -> dict[str, Any]:
-    """``configure_optimizers`` output: AdamW over the trainable parameters with a per-step warm-up + cosine."""
-    params = [p for p in module.parameters() if p.requires_grad]
+    """``configure_optimizers`` output: AdamW over ``params`` with a per-step warm-up + cosine, or a constant rate
+    when ``warmup_steps`` is ``None``."""
     if not params:
-        raise ValueError(f"{type(module).__name__} has no trainable parameters; check which parts are frozen")
+        raise ValueError(f"{owner} has no trainable parameters; check which parts are frozen")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if warmup_steps is None:
+        return {"optimizer": optimizer}
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, total_steps))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

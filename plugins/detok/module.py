@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
 from torch.nn import functional as F
 
 from tarkit.autoencoder import MMAutoEncoder
 from tarkit.data import sample_images, tensor_to_image
 from tarkit.evaluation import psnr
 from tarkit.interfaces import DeTokenizer
-from tarkit.optim import adamw_warmup_cosine
-from tarkit.run_logging import log_comparison_grid
-from tarkit.tatok import TATok
+from tarkit.training import TarkitModule
 
 
-class DeTokenizerModule(LightningModule):
+class DeTokenizerModule(TarkitModule):
     """De-tokenizer training (group ``tarkit.modules``), the same for every kind: swap ``detokenizer`` in a recipe.
 
     Each batch draws a pool scale from ``train_scales``; its images are tokenized by the frozen TA-Tok and
@@ -30,7 +26,7 @@ class DeTokenizerModule(LightningModule):
 
     Args:
         detokenizer: the de-tokenizer to train (``tarkit.detokenizers``), e.g. ``ar`` or ``diffusion``.
-        tatok: the TA-Tok folder whose codes it learns to draw (frozen).
+        tatok: the TA-Tok (a folder, or the reference's ``ta_tok.pth``) whose codes it learns to draw (frozen).
         train_scales: pool scales drawn per batch (paper ``[1, 1, 2, 3]``).
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
@@ -64,21 +60,18 @@ class DeTokenizerModule(LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["detokenizer"])
-        self.tatok = TATok.from_pretrained(tatok).requires_grad_(False).eval()
+        self.tatok = self.load_frozen_tatok(tatok)
         self.detokenizer = detokenizer
-        self.train_scales = [self.tatok.check_scale(s) for s in (train_scales or [1, 1, 2, 3])]
+        self.setup_scale_draw([self.tatok.check_scale(s) for s in (train_scales or [1, 1, 2, 3])], seed)
         self.tatok.check_scale(predict_scale)
         # Fails early, with the widths named, if the de-tokenizer was configured for another TA-Tok.
         self.autoencoder = MMAutoEncoder(self.tatok, detokenizer, predict_scale, cfg_scale, **(sampling or {}))
         # MMAutoEncoder puts its parts in eval mode for inference, and Lightning keeps the modes it finds at fit
         # start: without this the de-tokenizer would train with condition dropout off.
         detokenizer.train()
-        self.scale_rng = random.Random(seed)
 
-    def train(self, mode: bool = True) -> DeTokenizerModule:
-        super().train(mode)
-        self.tatok.eval()  # frozen tokenizer: deterministic codes
-        return self
+    def frozen_parts(self) -> list[torch.nn.Module]:
+        return [self.tatok]  # deterministic codes
 
     def images(self, batch: dict[str, Any] | torch.Tensor) -> torch.Tensor:
         """The batch's images at the de-tokenizer's resolution."""
@@ -97,12 +90,9 @@ class DeTokenizerModule(LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         images = self.images(batch)
-        out = self.detokenizer.loss(self.condition(images, self.scale_rng.choice(self.train_scales)), images)
-        for name, value in out.items():
-            self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=len(images))
-        every = self.hparams.sample_every_n_steps
-        if every and self.global_step % every == 0 and self.trainer.is_global_zero:
-            self.write_grid(images[: self.hparams.num_samples])
+        out = self.detokenizer.loss(self.condition(images, self.draw_scale()), images)
+        self.log_metrics("train", out, len(images))
+        self.maybe_write_sample_grid(images)
         return out["loss"]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -111,22 +101,15 @@ class DeTokenizerModule(LightningModule):
         self.log("val/loss", out["loss"], prog_bar=True, batch_size=len(images))
         if batch_idx == 0:
             originals = images[: self.hparams.num_samples]
-            redrawn = self.autoencoder.reconstruct(originals, generator=self.generator()).float() / 255
-            self.log("val/psnr", psnr(redrawn, originals), prog_bar=True, batch_size=len(originals))
+            self.log("val/psnr", psnr(self.redraw(originals), originals), prog_bar=True, batch_size=len(originals))
 
-    @torch.no_grad()
-    def write_grid(self, originals: torch.Tensor) -> Path:
-        """Originals over their round-trip reconstructions, under ``<default_root_dir>/samples/``."""
-        was_training = self.detokenizer.training
-        self.detokenizer.eval()
-        redrawn = self.autoencoder.reconstruct(originals, generator=self.generator()).float() / 255
-        self.detokenizer.train(was_training)
-        return log_comparison_grid(self.trainer, originals, redrawn)
+    def redraw(self, images: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.reconstruct(images, generator=self.generator()).float() / 255
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Reconstructs each image of a ``prompts`` batch over an image folder as ``<predict_dir>/<id>.png``."""
         images = batch["image"] if isinstance(batch, dict) and "image" in batch else sample_images(batch)
-        redrawn = self.autoencoder.reconstruct(images.to(self.device), generator=self.generator()).float() / 255
+        redrawn = self.redraw(images.to(self.device))
         out = Path(self.hparams.predict_dir)
         out.mkdir(parents=True, exist_ok=True)
         ids = batch.get("id") if isinstance(batch, dict) else None
@@ -134,12 +117,5 @@ class DeTokenizerModule(LightningModule):
             name = ids[i] if ids is not None else f"{batch_idx:05d}_{i:03d}"
             tensor_to_image(image).save(out / f"{name}.png")
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        return adamw_warmup_cosine(
-            self.detokenizer, hp.lr, hp.weight_decay, hp.warmup_steps, self.trainer.estimated_stepping_batches
-        )
-
-    def on_fit_end(self) -> None:
-        if self.hparams.export_dir and self.trainer.is_global_zero:
-            self.detokenizer.save_pretrained(self.hparams.export_dir)
+    def exported_model(self) -> DeTokenizer:
+        return self.detokenizer

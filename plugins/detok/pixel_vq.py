@@ -20,17 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
 from torch import nn
 from torch.nn import functional as F
 
 from tarkit.checkpoints import load_checkpoint
-from tarkit.data import sample_images
-from tarkit.evaluation import psnr
-from tarkit.optim import adamw_warmup_cosine
 from tarkit.paths import resolve_path
 from tarkit.pretrained import PretrainedLoadError, PretrainedMixin, check_state_dict
-from tarkit.run_logging import log_comparison_grid
 
 RECON_LOSSES = ("l2", "l1")
 
@@ -474,85 +469,3 @@ def load_pixel_vq(source: PixelVQ | str, image_size: int | None = None) -> Pixel
         path = resolve_path(source)
         vq = PixelVQ.from_official(path) if path.is_file() else PixelVQ.from_pretrained(path)
     return vq if image_size is None or image_size == vq.image_size else vq.with_image_size(image_size)
-
-
-class PixelVQModule(LightningModule):
-    """Trains a :class:`PixelVQ` on the images of any tarkit datamodule (group ``tarkit.modules``).
-
-    Logs the loss terms, PSNR and codebook usage (``usage``: share of codes a batch uses; ``val/usage_epoch``:
-    share used over the whole validation set); every ``sample_every_n_steps`` steps writes a grid of originals
-    over their reconstructions to ``<default_root_dir>/samples/step_NNNNNN.png``; exports the model as a folder
-    to ``export_dir`` at the end of fit.
-
-    Args:
-        preset: :class:`PixelVQ` preset (``tiny``, ``vq-16``).
-        config: :class:`PixelVQConfig` overrides (architecture and loss weights).
-        lr: AdamW learning rate.
-        weight_decay: AdamW weight decay.
-        warmup_steps: linear warm-up steps before cosine decay to 10% over the run.
-        sample_every_n_steps: how often the reconstruction grid is written (0: never).
-        num_samples: images in that grid.
-        export_dir: where the trained VQ is saved as a folder at the end of fit.
-    """
-
-    def __init__(
-        self,
-        preset: str | None = "tiny",
-        config: dict[str, Any] | None = None,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 50,
-        sample_every_n_steps: int = 200,
-        num_samples: int = 8,
-        export_dir: str | None = None,
-    ):
-        super().__init__()
-        self.save_hyperparameters()
-        self.vq = PixelVQ(preset, config)
-        self._val_counts: torch.Tensor | None = None
-
-    def shared_step(self, images: torch.Tensor, stage: str) -> torch.Tensor:
-        reconstruction, losses = self.vq(images)
-        batch_size = len(images)
-        for name, value in losses.items():
-            self.log(f"{stage}/{name}", value, prog_bar=name == "loss", batch_size=batch_size)
-        self.log(f"{stage}/psnr", psnr(reconstruction.detach(), images), prog_bar=True, batch_size=batch_size)
-        return losses["loss"]
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        images = sample_images(batch)
-        every = self.hparams.sample_every_n_steps
-        if every and self.global_step % every == 0 and self.trainer.is_global_zero:
-            self.write_samples(images[: self.hparams.num_samples])
-        return self.shared_step(images, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        images = sample_images(batch)
-        self.shared_step(images, "val")
-        indices = self.vq.encode_indices(images)
-        counts = torch.bincount(indices.flatten(), minlength=self.vq.codebook_size)
-        self._val_counts = counts if self._val_counts is None else self._val_counts + counts
-
-    def on_validation_epoch_end(self) -> None:
-        if self._val_counts is not None:
-            self.log("val/usage_epoch", (self._val_counts > 0).float().mean())
-            self._val_counts = None
-
-    @torch.no_grad()
-    def write_samples(self, images: torch.Tensor) -> Path:
-        """Originals (top row) over reconstructions (bottom row) as one PNG under ``<root>/samples/``."""
-        was_training = self.vq.training
-        self.vq.eval()
-        reconstruction = self.vq.decode_indices(self.vq.encode_indices(images))
-        self.vq.train(was_training)
-        return log_comparison_grid(self.trainer, images, reconstruction)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        return adamw_warmup_cosine(
-            self, hp.lr, hp.weight_decay, hp.warmup_steps, self.trainer.estimated_stepping_batches
-        )
-
-    def on_fit_end(self) -> None:
-        if self.hparams.export_dir and self.trainer.is_global_zero:
-            self.vq.save_pretrained(self.hparams.export_dir)

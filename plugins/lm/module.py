@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
@@ -18,11 +16,11 @@ from torch.utils.checkpoint import checkpoint
 
 from tarkit.data import write_jsonl
 from tarkit.interfaces import LanguageModel
-from tarkit.optim import adamw_warmup_cosine
 from tarkit.prompts import IGNORE_INDEX, pad_examples
 from tarkit.registry import registry
 from tarkit.settings import GenerationDefaults, TarSettings, default_scale, tatok_record, write_settings
 from tarkit.tatok import TATok
+from tarkit.training import TarkitModule
 from tarkit.vocab import ImageVocabulary
 
 LOSS_WEIGHTINGS = ("token", "sample")
@@ -119,7 +117,7 @@ def reduce_token_losses(token_loss: torch.Tensor, rows: torch.Tensor, weighting:
     return (sums / counts).mean()
 
 
-class UnifiedLMModule(LightningModule):
+class UnifiedLMModule(TarkitModule):
     """Trains a causal LM on mixed tasks over TA-Tok codes (group ``tarkit.modules``).
 
     The TA-Tok is frozen; every batch draws one pool scale from ``train_scales`` (paper ``[1, 1, 2, 3]``), its
@@ -188,21 +186,16 @@ class UnifiedLMModule(LightningModule):
                 f"loss_weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got {loss_weighting!r}"
             )
         self.save_hyperparameters(ignore=["lm"])
-        self.tatok = TATok.from_pretrained(tatok).requires_grad_(False).eval()
+        self.tatok = self.load_frozen_tatok(tatok)
         self.lm = lm
         codebook = self.tatok.codebook.codebook().detach() if init_from_codebook else None
         self.vocab = lm.ensure_image_vocabulary(self.tatok.num_codes, len(self.tatok.pool_scales), codebook)
-        self.train_scales = list(train_scales or [1, 1, 2, 3])
-        for scale in self.train_scales:
-            self.tatok.check_scale(scale)
+        self.setup_scale_draw([self.tatok.check_scale(s) for s in (train_scales or [1, 1, 2, 3])], seed)
         self.formatters = {name: cls() for name, cls in registry.load_group("tarkit.tasks").items()}
         self.cache = CodeCache(code_cache_dir)
-        self.scale_rng = random.Random(seed)
 
-    def train(self, mode: bool = True) -> UnifiedLMModule:
-        super().train(mode)
-        self.tatok.eval()  # frozen tokenizer: no dropout, deterministic codes
-        return self
+    def frozen_parts(self) -> list[nn.Module]:
+        return [self.tatok]  # no dropout, deterministic codes
 
     def examples(self, batch: dict[str, Any], scale: int) -> list[dict[str, torch.Tensor]]:
         """Format every sample of a tarkit sample batch at ``scale``."""
@@ -258,7 +251,7 @@ class UnifiedLMModule(LightningModule):
         return loss
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        return self.shared_step(batch, self.scale_rng.choice(self.train_scales), "train")
+        return self.shared_step(batch, self.draw_scale(), "train")
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.shared_step(batch, self.tatok.pool_scales[0], "val")
@@ -304,16 +297,9 @@ class UnifiedLMModule(LightningModule):
     def on_train_epoch_end(self) -> None:
         self.cache.save()
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        return adamw_warmup_cosine(
-            self.lm, hp.lr, hp.weight_decay, hp.warmup_steps, self.trainer.estimated_stepping_batches
-        )
-
     def on_fit_end(self) -> None:
         self.cache.save()
-        if self.hparams.export_dir and self.trainer.is_global_zero:
-            self.export(self.hparams.export_dir)
+        super().on_fit_end()
 
     def export(self, folder: str | Path) -> Path:
         """Save the LM (+ tokenizer) as a Hugging Face folder with this training's settings recorded in it."""

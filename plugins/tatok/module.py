@@ -4,23 +4,21 @@ from __future__ import annotations
 
 import copy
 import json
-import random
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
 from torch.nn import functional as F
 
 from tarkit.data import sample_images
 from tarkit.interfaces import CodebookProjection, Quantizer, VisionEncoder
-from tarkit.optim import adamw_warmup_cosine
 from tarkit.tatok import TATok, pool_tokens
+from tarkit.training import TarkitModule
 
 RECON_LOSSES = ("cosine", "mse", "cosine+mse")
 
 
-class TATokModule(LightningModule):
+class TATokModule(TarkitModule):
     """TA-Tok training (group ``tarkit.modules``).
 
     Loss: ``recon_loss`` between decoded and teacher features at the batch's pool scale plus the quantizer's
@@ -73,23 +71,17 @@ class TATokModule(LightningModule):
             raise ValueError(f"recon_loss must be one of {', '.join(RECON_LOSSES)}, got {recon_loss!r}")
         self.save_hyperparameters(ignore=["encoder", "codebook", "quantizer"])
         self.tokenizer = TATok(encoder, codebook, quantizer, pool_scales, decoder_depth, decoder_config)
-        self.train_scales = list(train_scales or self.tokenizer.pool_scales)
+        self.setup_scale_draw(train_scales or self.tokenizer.pool_scales, seed)
         for scale in {*self.train_scales, predict_scale}:
             self.tokenizer.check_scale(scale)
         self.teacher = copy.deepcopy(encoder).requires_grad_(False).eval() if train_encoder else None
         if not train_encoder:
             encoder.requires_grad_(False)
-        self.scale_rng = random.Random(seed)
         self._predict_rows: list[dict[str, Any]] = []
 
-    def train(self, mode: bool = True) -> TATokModule:
-        super().train(mode)
-        # frozen towers stay in eval mode (no dropout, fixed normalisation statistics)
-        if self.teacher is not None:
-            self.teacher.eval()
-        if not self.hparams.train_encoder:
-            self.tokenizer.encoder.eval()
-        return self
+    def frozen_parts(self) -> list[torch.nn.Module]:
+        frozen = [] if self.teacher is None else [self.teacher]
+        return frozen if self.hparams.train_encoder else [*frozen, self.tokenizer.encoder]
 
     def reconstruction_loss(self, predicted: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cosine = F.cosine_similarity(predicted, target, dim=-1).mean()
@@ -124,7 +116,7 @@ class TATokModule(LightningModule):
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self.shared_step(sample_images(batch), self.scale_rng.choice(self.train_scales), "train")
+        return self.shared_step(sample_images(batch), self.draw_scale(), "train")
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         images = sample_images(batch)
@@ -155,12 +147,5 @@ class TATokModule(LightningModule):
             for row in self._predict_rows:
                 handle.write(json.dumps(row) + "\n")
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        return adamw_warmup_cosine(
-            self, hp.lr, hp.weight_decay, hp.warmup_steps, self.trainer.estimated_stepping_batches
-        )
-
-    def on_fit_end(self) -> None:
-        if self.hparams.export_dir and self.trainer.is_global_zero:
-            self.tokenizer.save_pretrained(self.hparams.export_dir)
+    def exported_model(self) -> TATok:
+        return self.tokenizer

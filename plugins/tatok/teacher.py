@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
 from torch import nn
 from torch.nn import functional as F
 
 from tarkit.interfaces import VisionEncoder
+from tarkit.training import TarkitModule
 
 
 def hash_words(texts: list[str], buckets: int, max_words: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +50,7 @@ class HashedTextTower(nn.Module):
         return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
-class SigLIPTeacherModule(LightningModule):
+class SigLIPTeacherModule(TarkitModule):
     """Contrastive image-text pretraining with the sigmoid loss of SigLIP (Zhai et al., 2023).
 
     Every pair ``(i, j)`` in a batch is a binary problem: ``-log sigmoid(z_ij * (t * <img_i, txt_j> + b))`` with
@@ -72,7 +72,7 @@ class SigLIPTeacherModule(LightningModule):
         text_buckets: hashed word vocabulary size.
         max_words: words kept per caption.
         dense_weight: weight of the per-patch pixel term (0: the plain SigLIP objective).
-        lr: AdamW learning rate.
+        lr: AdamW learning rate (constant: the module has no warm-up, so no schedule).
         weight_decay: AdamW weight decay.
         export_dir: where to write the vision tower (a Hugging Face folder) at the end of fit.
     """
@@ -147,13 +147,6 @@ class SigLIPTeacherModule(LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._step(batch, "val")
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-
-    def on_fit_end(self) -> None:
-        if self.hparams.export_dir and self.trainer.is_global_zero:
-            self.export(self.hparams.export_dir)
 
     def export(self, folder: str | Path) -> Path:
         """Write the vision tower as a Hugging Face folder (``SiglipVisionModel.from_pretrained`` reads it, and so

@@ -1,0 +1,110 @@
+"""The base of tarkit's training modules: what every built-in LightningModule shares, written once.
+
+A third-party module may still be a plain ``LightningModule``; one built on :class:`TarkitModule` gets, from
+its hyperparameters and a few hooks:
+
+* AdamW over :meth:`~TarkitModule.trainable_parameters` (``lr``, ``weight_decay``), with a per-step linear
+  warm-up and cosine decay when it has ``warmup_steps`` (a constant rate without);
+* the export at the end of fit to ``export_dir`` (:meth:`~TarkitModule.export`: by default the
+  ``save_pretrained`` of :meth:`~TarkitModule.exported_model`), on the global-zero process only;
+* frozen parts (:meth:`~TarkitModule.frozen_parts`) kept in eval mode whatever ``train()`` is called with;
+* one way to load a frozen TA-Tok (a tarkit folder or any file a converter reads, :func:`tarkit.tatok.load_tatok`);
+* a seeded pool-scale draw per batch (:meth:`~TarkitModule.draw_scale`);
+* metric logging under ``<stage>/`` and the originals-over-redrawn image grid every ``sample_every_n_steps``.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+
+from tarkit.optim import adamw_warmup_cosine
+from tarkit.run_logging import log_comparison_grid
+from tarkit.tatok import TATok, load_tatok
+
+
+class TarkitModule(LightningModule):
+    """A LightningModule with tarkit's shared training machinery (see the module docstring)."""
+
+    train_scales: list[int]
+
+    def frozen_parts(self) -> list[nn.Module]:
+        """Parts that never train: kept in eval mode (no dropout, fixed statistics)."""
+        return []
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimiser updates; by default every parameter that requires a gradient."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def exported_model(self) -> Any:
+        """The model :meth:`export` saves with ``save_pretrained``; override one of the two."""
+        raise NotImplementedError(f"{type(self).__name__} defines neither exported_model() nor export()")
+
+    def export(self, folder: str | Path) -> Path:
+        """Save the trained model as a folder (``config.json`` + weights) and return it."""
+        self.exported_model().save_pretrained(folder)
+        return Path(folder)
+
+    def train(self, mode: bool = True) -> TarkitModule:
+        super().train(mode)
+        for part in self.frozen_parts():
+            part.eval()
+        return self
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        return adamw_warmup_cosine(
+            self.trainable_parameters(),
+            hp.lr,
+            hp.weight_decay,
+            hp.get("warmup_steps"),
+            self.trainer.estimated_stepping_batches,
+            owner=type(self).__name__,
+        )
+
+    def on_fit_end(self) -> None:
+        folder = self.hparams.get("export_dir")
+        if folder and self.trainer.is_global_zero:
+            self.export(folder)
+
+    @staticmethod
+    def load_frozen_tatok(path: str) -> TATok:
+        """A TA-Tok folder or file (the reference's ``ta_tok.pth`` too), frozen and in eval mode."""
+        return load_tatok(path).tatok.requires_grad_(False).eval()
+
+    def setup_scale_draw(self, train_scales: list[int], seed: int) -> None:
+        """The scales :meth:`draw_scale` draws from, one per batch, in a stream seeded by ``seed``."""
+        self.train_scales = list(train_scales)
+        self._scale_rng = random.Random(seed)
+
+    def draw_scale(self) -> int:
+        return self._scale_rng.choice(self.train_scales)
+
+    def log_metrics(self, stage: str, metrics: dict[str, torch.Tensor], batch_size: int) -> None:
+        """Each metric as ``<stage>/<name>``; ``loss`` also on the progress bar."""
+        for name, value in metrics.items():
+            self.log(f"{stage}/{name}", value, prog_bar=name == "loss", batch_size=batch_size)
+
+    def redraw(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``[0, 1]`` redrawn by the model, for the sample grid; modules with a grid override it."""
+        raise NotImplementedError(f"{type(self).__name__} draws no sample grid")
+
+    @torch.no_grad()
+    def write_sample_grid(self, images: torch.Tensor) -> Path:
+        """Originals over their :meth:`redraw` as one PNG under ``<default_root_dir>/samples/`` (and TensorBoard)."""
+        was_training = self.training
+        self.eval()
+        redrawn = self.redraw(images)
+        self.train(was_training)
+        return log_comparison_grid(self.trainer, images, redrawn)
+
+    def maybe_write_sample_grid(self, images: torch.Tensor) -> None:
+        """:meth:`write_sample_grid` of the first ``num_samples`` images every ``sample_every_n_steps`` steps."""
+        every = self.hparams.get("sample_every_n_steps")
+        if every and self.global_step % every == 0 and self.trainer.is_global_zero:
+            self.write_sample_grid(images[: self.hparams.get("num_samples", 8)])
