@@ -36,9 +36,10 @@ from tarkit.data import ImageInput, images_to_batch
 from tarkit.generation import generate_image_codes, generate_text
 from tarkit.interfaces import DeTokenizer, LanguageModel
 from tarkit.paths import resolve_path
+from tarkit.pretrained import config_class
 from tarkit.prompts import image_ids, user_prefix
 from tarkit.reflect import DEFAULT_QUESTION, best_of, prompt_log_likelihood
-from tarkit.registry import import_from_string, registry
+from tarkit.registry import registry
 from tarkit.settings import TarSettings, read_settings, settings_of
 from tarkit.tatok import TATok
 from tarkit.vocab import ImageVocabulary
@@ -101,10 +102,7 @@ def is_detokenizer_folder(folder: Path) -> bool:
     config_file = folder / "config.json"
     if not config_file.is_file():
         return False
-    class_path = json.loads(config_file.read_text()).get("class_path")
-    if not isinstance(class_path, str):
-        return False  # e.g. a Hugging Face folder (the LM, a teacher)
-    cls = import_from_string(class_path)
+    cls = config_class(json.loads(config_file.read_text()))  # None for a Hugging Face folder (the LM, a teacher)
     return isinstance(cls, type) and issubclass(cls, DeTokenizer)
 
 

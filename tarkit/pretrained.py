@@ -3,8 +3,13 @@
 In the spirit of diffusers' ``ModelMixin``/``ConfigMixin``: a class that mixes in :class:`PretrainedMixin`
 has the arguments of its constructor recorded automatically, so ``save_pretrained(dir)`` and
 ``Class.from_pretrained(dir)`` need nothing else. Injected parts that are themselves pretrained models are
-stored as nested ``{"class_path", "init_args"}`` entries (the LightningCLI recipe form), so composite models
-round-trip too. Weights are never unpickled.
+stored as nested entries, so composite models round-trip too. Weights are never unpickled.
+
+A part is named by its registry entry, ``{"group": "tarkit.detokenizers", "name": "ar", "init_args": {...}}``,
+so a plugin may move its classes without breaking saved folders; a class that is not registered (a core class
+such as ``TATok``, or a plugin's internal part) by its import path, ``{"class_path", "init_args"}`` (the
+LightningCLI recipe form). ``config.json`` also records the ``tarkit_version`` that wrote it. Folders written
+before registry names (class paths throughout) still load.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import torch
 from safetensors.torch import load_file, save_model
 from torch import nn
 
-from tarkit.registry import import_from_string
+from tarkit import __version__
+from tarkit.registry import UnknownPartError, import_from_string, registry
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -32,6 +38,33 @@ class PretrainedLoadError(ValueError):
 
 def _class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _identity(cls: type) -> dict[str, str]:
+    """How a config names ``cls``: its registry group and name, else its import path."""
+    registered = registry.registered_as(cls)
+    return {"group": registered[0], "name": registered[1]} if registered else {"class_path": _class_path(cls)}
+
+
+def _identity_text(config: dict[str, Any]) -> str:
+    return f"{config['group']}:{config['name']}" if "group" in config else str(config.get("class_path"))
+
+
+def _resolve_class(config: dict[str, Any]) -> type:
+    if "group" in config:
+        try:
+            return registry.get(config["group"], config["name"])
+        except (UnknownPartError, ValueError) as err:
+            raise PretrainedLoadError(
+                f"config names {_identity_text(config)}, which is not installed; install the package that provides "
+                f"it ({err})"
+            ) from err
+    try:
+        return import_from_string(config["class_path"])
+    except (ImportError, AttributeError, ValueError) as err:
+        raise PretrainedLoadError(
+            f"config names {config['class_path']}, which cannot be imported; install the package that provides it"
+        ) from err
 
 
 def _record_init_args(init):
@@ -54,9 +87,21 @@ def _record_init_args(init):
     return wrapper
 
 
+def part_config(model: PretrainedMixin) -> dict[str, Any]:
+    """How a config records a pretrained part: its identity (registry name or class path) and ``init_args``."""
+    return {**_identity(type(model)), "init_args": model.config_dict()}
+
+
+def config_class(config: dict[str, Any]) -> type | None:
+    """The class a saved ``config.json`` describes, or None when it is not a tarkit config (e.g. a Hugging Face
+    folder's); an installed-nowhere class is a :class:`PretrainedLoadError`."""
+    part = {k: v for k, v in config.items() if k != "tarkit_version"} if isinstance(config, dict) else None
+    return _resolve_class(part) if _is_part(part) else None
+
+
 def _to_json(value: Any, where: str) -> Any:
     if isinstance(value, PretrainedMixin):
-        return {"class_path": _class_path(type(value)), "init_args": value.config_dict()}
+        return part_config(value)
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     if isinstance(value, Path):
@@ -73,11 +118,15 @@ def _to_json(value: Any, where: str) -> Any:
     )
 
 
+def _is_part(value: Any) -> bool:
+    return isinstance(value, dict) and set(value) in ({"class_path", "init_args"}, {"group", "name", "init_args"})
+
+
 def _from_json(value: Any) -> Any:
-    if isinstance(value, dict) and set(value) == {"class_path", "init_args"}:
-        cls = import_from_string(value["class_path"])
+    if _is_part(value):
+        cls = _resolve_class(value)
         if not (inspect.isclass(cls) and issubclass(cls, PretrainedMixin)):
-            raise PretrainedLoadError(f"config names {value['class_path']}, which is not a tarkit pretrained class")
+            raise PretrainedLoadError(f"config names {_identity_text(value)}, which is not a tarkit pretrained class")
         return cls(**{k: _from_json(v) for k, v in value["init_args"].items()})
     if isinstance(value, list):
         return [_from_json(v) for v in value]
@@ -163,21 +212,25 @@ class PretrainedMixin:
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Write ``config.json`` and ``model.safetensors`` into ``save_directory`` (created if needed)."""
-        config = {"class_path": _class_path(type(self)), "init_args": self.config_dict()}
+        config = {**_identity(type(self)), "init_args": self.config_dict(), "tarkit_version": __version__}
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
         (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        save_model(self, str(out / WEIGHTS_NAME), metadata={"format": "pt", "class_path": config["class_path"]})
+        save_model(self, str(out / WEIGHTS_NAME), metadata={"format": "pt", "model": _identity_text(config)})
         return out
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Self:
-        """Build an untrained model from a ``{"class_path", "init_args"}`` config (as written by save)."""
-        if "class_path" not in config or "init_args" not in config:
-            raise PretrainedLoadError("config must have 'class_path' and 'init_args' entries")
-        model = _from_json({"class_path": config["class_path"], "init_args": config["init_args"]})
+        """Build an untrained model from a config as :meth:`save_pretrained` writes it (registry ``group`` and
+        ``name``, or ``class_path``; ``init_args``)."""
+        part = {k: v for k, v in config.items() if k != "tarkit_version"} if isinstance(config, dict) else config
+        if not _is_part(part):
+            raise PretrainedLoadError(
+                "config must have 'init_args' and either 'group' + 'name' or 'class_path' entries"
+            )
+        model = _from_json(part)
         if not isinstance(model, cls):
-            raise PretrainedLoadError(f"config describes {config['class_path']}, which is not a {cls.__name__}")
+            raise PretrainedLoadError(f"config describes {_identity_text(part)}, which is not a {cls.__name__}")
         return model
 
     @classmethod

@@ -184,6 +184,16 @@ class Registry:
             raise UnknownPartError([group], name, {group: sorted(loaded)})
         return loaded[name]
 
+    def registered_as(self, cls: type) -> tuple[str, str] | None:
+        """``(group, name)`` under which ``cls`` itself is registered, among the groups of tarkit's own interfaces
+        (None if it is not registered: an internal part, or a class given by its path)."""
+        for group, base in GROUP_BASES.items():
+            if base.startswith("tarkit.") and issubclass(cls, self.base_class(group)):
+                name = self.name_of(group, cls)
+                if name is not None:
+                    return group, name
+        return None
+
     def name_of(self, group: str, cls: type) -> str | None:
         """The name ``cls`` is registered under in ``group`` (None if it is not registered there)."""
         return next((name for name, obj in self.load_group(group).items() if obj is cls), None)

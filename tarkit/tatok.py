@@ -185,4 +185,3 @@ def load_tatok(
             )
         converter = accepting[0]
     return registry.get("tarkit.tatok_converters", converter)().load(resolved, load_teacher=load_teacher, **options)
-

@@ -62,9 +62,7 @@ def test_the_core_asks_the_registry_for_no_builtin_plugin_by_name():
 
 def test_the_core_modules_import_each_other_without_a_cycle():
     modules = core_modules()
-    graph = {
-        name: {m for m in imported_modules(tree) if m in modules and m != name} for name, tree in modules.items()
-    }
+    graph = {name: {m for m in imported_modules(tree) if m in modules and m != name} for name, tree in modules.items()}
     cycles, done = [], set()
 
     def visit(node: str, path: list[str]) -> None:

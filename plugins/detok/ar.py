@@ -46,7 +46,7 @@ from torch.nn import functional as F
 from tarkit.checkpoints import read_official_spec
 from tarkit.generation import sample_next
 from tarkit.interfaces import DeTokenizer
-from tarkit.pretrained import PretrainedLoadError, check_state_dict
+from tarkit.pretrained import PretrainedLoadError, check_state_dict, part_config
 from tarkit_plugins.detok.pixel_vq import PixelVQ, load_pixel_vq
 
 POSITIONS = ("absolute", "rope2d")
@@ -251,7 +251,7 @@ class AutoregressiveDeTokenizer(DeTokenizer):
 
     def config_dict(self) -> dict[str, Any]:
         """The resolved architecture with the VQ's own (not the path it came from), so a folder is self-contained."""
-        vq = {"class_path": f"{PixelVQ.__module__}.{PixelVQ.__qualname__}", "init_args": self.vq.config_dict()}
+        vq = part_config(self.vq)
         return {
             "vq": vq,
             "condition_dim": self.condition_dim,

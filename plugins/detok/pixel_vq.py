@@ -295,7 +295,6 @@ class VectorQuantizer(nn.Module):
         codes = straight.reshape(batch, height, width, dim).permute(0, 3, 1, 2).to(z.dtype)
         return codes, indices.reshape(batch, height, width), losses
 
-
     @torch.no_grad()
     def _restart_dead_codes(self, flat: torch.Tensor) -> None:
         """Move every code whose running usage is below the threshold onto a random vector of this batch."""

@@ -182,9 +182,7 @@ class UnifiedLMModule(TarkitModule):
         if image_loss not in IMAGE_LOSSES:
             raise ValueError(f"image_loss must be one of {', '.join(IMAGE_LOSSES)}, got {image_loss!r}")
         if loss_weighting not in LOSS_WEIGHTINGS:
-            raise ValueError(
-                f"loss_weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got {loss_weighting!r}"
-            )
+            raise ValueError(f"loss_weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got {loss_weighting!r}")
         self.save_hyperparameters(ignore=["lm"])
         self.tatok = self.load_frozen_tatok(tatok)
         self.lm = lm

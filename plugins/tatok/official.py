@@ -278,4 +278,3 @@ class ReferenceTATokConverter(TATokConverter):
 
     def load(self, path: Path, load_teacher: bool = False, **options: Any) -> LoadedTATok:
         return load_official_tatok(path, load_teacher=load_teacher, **options)
-
