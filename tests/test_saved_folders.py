@@ -45,7 +45,9 @@ def test_new_folders_name_registered_parts_by_group_and_name(tmp_path):
         "name": "siglip2",
     }
     reloaded = AutoregressiveDeTokenizer.from_pretrained(tmp_path / "ar")
-    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), detok.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), detok.state_dict().values(), strict=True)
+    )
 
 
 @pytest.mark.parametrize(
