@@ -22,6 +22,7 @@ from transformers.utils import logging as hf_logging
 
 from tarkit.interfaces import VisionEncoder
 from tarkit.paths import resolve_path
+from tarkit.presets import preset_values
 from tarkit.pretrained import PretrainedLoadError, resolve_pretrained_dir
 
 SIGLIP_PRESETS: dict[str, dict[str, Any]] = {
@@ -174,21 +175,13 @@ class SigLIP2Encoder(VisionEncoder):
         std: float | list[float] = 0.5,
     ):
         super().__init__()
-        unknown = sorted(set(config or {}) - set(SIGLIP_ARCHITECTURE_KEYS))
-        if unknown:
-            raise ValueError(
-                f"SigLIP2Encoder: unknown config keys {unknown}; allowed: {list(SIGLIP_ARCHITECTURE_KEYS)}"
-            )
-        folder = None
-        if pretrained is not None:
-            folder, base = _siglip_checkpoint(pretrained)
-        elif preset is None:
-            base = {}
-        elif preset in SIGLIP_PRESETS:
-            base = SIGLIP_PRESETS[preset]
-        else:
-            raise ValueError(f"SigLIP2Encoder: unknown preset {preset!r}; presets: {sorted(SIGLIP_PRESETS)}")
-        hf_config = SiglipVisionConfig(**{**base, **(config or {})}, vision_use_head=False)
+        # A pretrained folder's own architecture takes the place of the preset.
+        folder, base = _siglip_checkpoint(pretrained) if pretrained is not None else (None, {})
+        presets = SIGLIP_PRESETS if pretrained is None else {}
+        values = preset_values(
+            "SigLIP2Encoder", presets, preset if pretrained is None else None, config, SIGLIP_ARCHITECTURE_KEYS
+        )
+        hf_config = SiglipVisionConfig(**{**base, **values}, vision_use_head=False)
         # The whole tower's shape, kept for config_dict: the model itself is built shorter.
         self.architecture = {key: getattr(hf_config, key) for key in SIGLIP_ARCHITECTURE_KEYS}
         # The patch convolution is "valid", so the grid is image_size // patch_size (384 // 14 = 27).

@@ -19,6 +19,7 @@ from transformers.utils import logging as hf_logging
 
 from tarkit.interfaces import LanguageModel
 from tarkit.paths import resolve_path
+from tarkit.presets import preset_values
 from tarkit.pretrained import PretrainedLoadError, resolve_pretrained_dir
 from tarkit.vocab import IM_START, ImageVocabulary
 from tarkit_plugins.lm.tokenizers import QWEN2, TOKENIZER_FILES, load_tokenizer
@@ -112,12 +113,7 @@ def _load_causal_lm(folder: Path, overrides: dict[str, Any]) -> PreTrainedModel:
 
 
 def _preset_config(preset: str | None, overrides: dict[str, Any], tokenizer: Any) -> PretrainedConfig:
-    if preset is None:
-        base: dict[str, Any] = {}
-    elif preset in LM_PRESETS:
-        base = LM_PRESETS[preset]
-    else:
-        raise ValueError(f"HFCausalLM: unknown preset {preset!r}; presets: {sorted(LM_PRESETS)}")
+    base = preset_values("HFCausalLM", LM_PRESETS, preset)
     values = {
         **base,
         # At least one row per token; a preset may pad beyond that (Qwen2.5's 151,936 rows for 151,665 tokens).

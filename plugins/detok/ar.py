@@ -46,6 +46,7 @@ from torch.nn import functional as F
 from tarkit.checkpoints import read_official_spec
 from tarkit.generation import sample_next
 from tarkit.interfaces import DeTokenizer
+from tarkit.presets import preset_values
 from tarkit.pretrained import PretrainedLoadError, check_state_dict, part_config
 from tarkit_plugins.detok.pixel_vq import PixelVQ, load_pixel_vq
 
@@ -110,12 +111,7 @@ CONFIG_KEYS = tuple(f.name for f in fields(ARConfig))
 
 def resolve_ar_config(preset: str | None, config: dict[str, Any] | None) -> ARConfig:
     """A preset (``None``: the ``lp`` defaults) with ``config`` overrides, checked."""
-    unknown = sorted(set(config or {}) - set(CONFIG_KEYS))
-    if unknown:
-        raise ValueError(f"AutoregressiveDeTokenizer: unknown config keys {unknown}; allowed: {list(CONFIG_KEYS)}")
-    if preset is not None and preset not in AR_PRESETS:
-        raise ValueError(f"AutoregressiveDeTokenizer: unknown preset {preset!r}; presets: {sorted(AR_PRESETS)}")
-    resolved = ARConfig(**{**(AR_PRESETS[preset] if preset else {}), **(config or {})})
+    resolved = ARConfig(**preset_values("AutoregressiveDeTokenizer", AR_PRESETS, preset, config, allowed=CONFIG_KEYS))
     if resolved.positions not in POSITIONS:
         raise ValueError(f"AutoregressiveDeTokenizer: positions must be one of {POSITIONS}, got {resolved.positions!r}")
     if resolved.width % resolved.heads or (resolved.width // resolved.heads) % 4:

@@ -48,6 +48,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from tarkit.interfaces import DeTokenizer
+from tarkit.presets import preset_values
 
 SCHEDULERS = {"flow_match": FlowMatchEulerDiscreteScheduler, "ddpm": DDPMScheduler, "ddim": DDIMScheduler}
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
@@ -214,9 +215,7 @@ class DiffusionDeTokenizer(DeTokenizer):
         coordinate_channels: bool = True,
     ):
         super().__init__()
-        if preset is not None and preset not in PRESETS:
-            raise ValueError(f"DiffusionDeTokenizer: unknown preset {preset!r}; presets: {sorted(PRESETS)}")
-        base = PRESETS.get(preset, {})
+        base = preset_values("DiffusionDeTokenizer", PRESETS, preset)
         given = {
             "condition_dim": condition_dim,
             "image_size": image_size,

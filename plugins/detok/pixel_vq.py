@@ -25,6 +25,7 @@ from torch.nn import functional as F
 
 from tarkit.checkpoints import load_checkpoint
 from tarkit.paths import resolve_path
+from tarkit.presets import preset_values
 from tarkit.pretrained import PretrainedLoadError, PretrainedMixin, check_state_dict
 
 RECON_LOSSES = ("l2", "l1")
@@ -83,12 +84,7 @@ CONFIG_KEYS = tuple(f.name for f in fields(PixelVQConfig))
 
 def resolve_pixel_vq_config(preset: str | None, config: dict[str, Any] | None) -> PixelVQConfig:
     """A preset (``None``: the VQ-16 defaults) with ``config`` overrides, checked."""
-    unknown = sorted(set(config or {}) - set(CONFIG_KEYS))
-    if unknown:
-        raise ValueError(f"PixelVQ: unknown config keys {unknown}; allowed: {list(CONFIG_KEYS)}")
-    if preset is not None and preset not in PIXEL_VQ_PRESETS:
-        raise ValueError(f"PixelVQ: unknown preset {preset!r}; presets: {sorted(PIXEL_VQ_PRESETS)}")
-    values = {**(PIXEL_VQ_PRESETS[preset] if preset else {}), **(config or {})}
+    values = preset_values("PixelVQ", PIXEL_VQ_PRESETS, preset, config, allowed=CONFIG_KEYS)
     resolved = PixelVQConfig(**{**values, "channel_mult": list(values.get("channel_mult", [1, 1, 2, 2, 4]))})
     if resolved.recon_loss not in RECON_LOSSES:
         raise ValueError(f"PixelVQ: recon_loss must be one of {', '.join(RECON_LOSSES)}, got {resolved.recon_loss!r}")
