@@ -22,6 +22,8 @@ class ImageToText(TaskFormatter):
     """i2t: image tokens + "\\n" + question in the user turn; the answer is supervised."""
 
     name = "i2t"
+    needs = frozenset({"text", "answer", "input_image"})
+    default_ratio = 1.0
 
     def format(self, sample: dict[str, Any], tokenizer: Any, vocab: ImageVocabulary) -> dict[str, torch.Tensor]:
         user = [image_ids(vocab, _codes(sample, "input_codes")), "\n" + sample["text"]]
@@ -32,6 +34,8 @@ class TextToImage(TaskFormatter):
     """t2i: the prompt in the user turn; ``<im_start><S{k}>`` + image tokens + ``<im_end>`` supervised."""
 
     name = "t2i"
+    needs = frozenset({"text", "target_image"})
+    default_ratio = 1.0
 
     def format(self, sample: dict[str, Any], tokenizer: Any, vocab: ImageVocabulary) -> dict[str, torch.Tensor]:
         target = image_span(vocab, _codes(sample, "target_codes"), sample["scale_index"])
@@ -42,6 +46,8 @@ class ImageToImage(TaskFormatter):
     """i2i: an image in, the same content out (re-drawn); ti2i adds an instruction after the input image."""
 
     name = "i2i"
+    needs = frozenset({"input_image", "target_image"})
+    default_ratio = 0.25
 
     def format(self, sample: dict[str, Any], tokenizer: Any, vocab: ImageVocabulary) -> dict[str, torch.Tensor]:
         user: list[Any] = [image_ids(vocab, _codes(sample, "input_codes"))]
@@ -55,3 +61,5 @@ class TextImageToImage(ImageToImage):
     """ti2i: input image tokens + "\\n" + instruction; the edited image supervised."""
 
     name = "ti2i"
+    needs = frozenset({"text", "input_image", "target_image"})
+    default_ratio = 0.25

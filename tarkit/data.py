@@ -1,6 +1,7 @@
 """What every tarkit datamodule yields, and the shared pieces to build one.
 
-A sample is one training example of one task kind:
+A sample is one training example of one task, a name registered under ``tarkit.tasks`` (:func:`task_names`).
+The built-in ones:
 
 - ``i2t``  image -> text   (``input_image`` + question in ``text``, supervised ``answer``)
 - ``t2i``  text -> image   (prompt in ``text``, ``target_image``)
@@ -29,9 +30,31 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from torchvision.utils import save_image
 
-TASKS: tuple[str, ...] = ("i2t", "t2i", "i2i", "ti2i")
 
-DEFAULT_TASK_RATIOS: dict[str, float] = {"i2t": 1.0, "t2i": 1.0, "i2i": 0.25, "ti2i": 0.25}
+def _formatters() -> dict[str, Any]:
+    from tarkit.registry import registry  # at call time: datamodule workers import this module first
+
+    return registry.load_group("tarkit.tasks")
+
+
+def task_names() -> tuple[str, ...]:
+    """The registered tasks, those of the default mix first (by share), then by name."""
+    formatters = _formatters()
+    return tuple(sorted(formatters, key=lambda name: (-formatters[name].default_ratio, name)))
+
+
+def default_task_ratios() -> dict[str, float]:
+    """The default task mix: each registered task's ``default_ratio``, where positive."""
+    formatters = _formatters()
+    return {name: formatters[name].default_ratio for name in task_names() if formatters[name].default_ratio > 0}
+
+
+def task_needs(task: str) -> frozenset[str]:
+    """The sample fields a sample of ``task`` must have; an unknown task is a one-line error."""
+    formatters = _formatters()
+    if task not in formatters:
+        raise ValueError(f"unknown task {task!r}; tasks are {', '.join(task_names())}")
+    return formatters[task].needs
 
 
 class DataWarning(UserWarning):
@@ -179,9 +202,16 @@ def make_sample(
     input_image: torch.Tensor | None = None,
     target_image: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """The sample dict every datamodule yields (see the module docstring)."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
+    """The sample dict every datamodule yields (see the module docstring), checked against what its task needs."""
+    given = {
+        "text": bool(text),
+        "answer": bool(answer),
+        "input_image": input_image is not None,
+        "target_image": target_image is not None,
+    }
+    missing = sorted(field for field in task_needs(task) if not given[field])
+    if missing:
+        raise DataFormatError(f"a {task} sample needs {', '.join(missing)}")
     blank = torch.zeros(3, image_size, image_size)
     return {
         "task": task,
@@ -206,14 +236,15 @@ class TaskMix:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        unknown = set(self.ratios) - set(TASKS)
+        unknown = set(self.ratios) - set(task_names())
         if unknown:
-            raise ValueError(f"unknown task(s) in task_ratios: {sorted(unknown)}; tasks are {', '.join(TASKS)}")
+            raise ValueError(f"unknown task(s) in task_ratios: {sorted(unknown)}; tasks are {', '.join(task_names())}")
         if any(r < 0 for r in self.ratios.values()) or not any(r > 0 for r in self.ratios.values()):
             raise ValueError(f"task_ratios must be non-negative with at least one positive, got {dict(self.ratios)}")
 
-    def choose(self, index: int, supported: Sequence[str] = TASKS, epoch: int = 0) -> str:
-        candidates = [t for t in TASKS if t in supported and self.ratios.get(t, 0) > 0]
+    def choose(self, index: int, supported: Sequence[str] | None = None, epoch: int = 0) -> str:
+        """A task for record ``index`` among ``supported`` (None: any), in the ratios' order (so it is stable)."""
+        candidates = [t for t in self.ratios if (supported is None or t in supported) and self.ratios[t] > 0]
         if not candidates:
             raise DataFormatError(
                 f"record {index} supports tasks {list(supported)} but task_ratios {dict(self.ratios)} enables none"

@@ -187,15 +187,23 @@ class LanguageModel(PretrainedMixin, nn.Module, ABC):
         """The output projection (``weight [V, H]``)."""
 
 
+SAMPLE_FIELDS = ("text", "answer", "input_image", "target_image")
+
+
 class TaskFormatter(ABC):
     """Turns one sample (texts plus the TA-Tok codes of its images) into LM input ids and loss labels.
 
-    Group ``tarkit.tasks`` (i2t, t2i, i2i, ti2i). ``sample`` has ``text``, ``answer``, ``input_codes`` and
-    ``target_codes`` (``[n]`` code indices or None) and ``scale_index`` (the ``k`` of ``<S{k}>``);
-    ``vocab`` is the :class:`tarkit.vocab.ImageVocabulary` of the expanded tokenizer.
+    Group ``tarkit.tasks``: the registered formatters are the set of tasks (built in: i2t, t2i, i2i, ti2i), so a
+    plugin adds a task with no core edit. ``needs`` names the sample fields (of :data:`SAMPLE_FIELDS`) a sample
+    of the task must have, which :func:`tarkit.data.make_sample` checks; ``default_ratio`` is the task's share in
+    the default task mix (0: only when a recipe's ``task_ratios`` asks for it). ``sample`` has ``text``,
+    ``answer``, ``input_codes`` and ``target_codes`` (``[n]`` code indices or None) and ``scale_index`` (the
+    ``k`` of ``<S{k}>``); ``vocab`` is the :class:`tarkit.vocab.ImageVocabulary` of the expanded tokenizer.
     """
 
     name: str
+    needs: frozenset[str] = frozenset()
+    default_ratio: float = 0.0
 
     @abstractmethod
     def format(self, sample: dict[str, Any], tokenizer: Any, vocab: Any) -> dict[str, torch.Tensor]:

@@ -8,7 +8,8 @@ A record has the fields of a JSONL row or of a shard's ``txt``/``json`` (all opt
 - ``text`` + ``answer``: a question/answer pair. Supports ``i2t`` only.
 - ``target_image`` (+ ``text``, the instruction): an edit pair. Supports ``ti2i`` (needs the ``text``) and ``i2i``.
 - ``task``: the record supports only that task, which must fit the fields above; an image-only record (no
-  ``text``) is allowed only with ``"task": "i2i"``.
+  ``text``) is allowed only with ``"task": "i2i"``. A task another plugin registers is supported when the
+  record has the fields it ``needs`` (the record's image is its ``input_image``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningDataModule
 
-from tarkit.data import DEFAULT_TASK_RATIOS, TASKS, DataFormatError, TaskMix, make_sample
+from tarkit.data import DataFormatError, TaskMix, default_task_ratios, make_sample, task_names, task_needs
 
 # What a task needs from a record, for the error that names what to fix.
 TASK_NEEDS: dict[str, str] = {
@@ -54,8 +55,8 @@ def parse_record(fields: Mapping[str, Any]) -> Record:
             raise DataFormatError(f'"{name}" must be a string, got {type(value).__name__} {value!r}')
         values[name] = (value or "").strip()
     text, answer, target, task = values["text"], values["answer"], values["target_image"], values["task"]
-    if task and task not in TASKS:
-        raise DataFormatError(f'unknown "task" {task!r}; use one of {", ".join(TASKS)} or leave it out')
+    if task and task not in task_names():
+        raise DataFormatError(f'unknown "task" {task!r}; use one of {", ".join(task_names())} or leave it out')
     if target:
         supported = ("ti2i", "i2i") if text else ("i2i",)
     elif answer:
@@ -65,7 +66,13 @@ def parse_record(fields: Mapping[str, Any]) -> Record:
     else:
         # An image with no text at all is more likely a forgotten caption than a reconstruction-only row.
         supported = ("i2i",) if task else ()
-    if task:
+    if task and task not in TASK_NEEDS:  # another plugin's task: the fields it needs
+        fields_present = {"text": bool(text), "answer": bool(answer), "target_image": bool(target), "input_image": True}
+        missing = sorted(f for f in task_needs(task) if not fields_present[f])
+        if missing:
+            raise DataFormatError(f'"task" {task!r} needs {", ".join(missing)}, which this record lacks')
+        supported = (task,)
+    elif task:
         if task not in supported:
             raise DataFormatError(f'"task" {task!r} does not fit this record: {TASK_NEEDS[task]}')
         supported = (task,)
@@ -84,7 +91,7 @@ def enabled_tasks(record: Record, mix: TaskMix) -> list[str]:
 
 def uses_target_image(record: Record, task: str) -> bool:
     """Whether making ``task`` from ``record`` needs its separate ``target_image`` decoded."""
-    return bool(record.target_image) and task in ("i2i", "ti2i")
+    return bool(record.target_image) and (task in ("i2i", "ti2i") or task not in TASK_NEEDS)
 
 
 def record_sample(
@@ -102,6 +109,8 @@ def record_sample(
         return make_sample(task, image_size, text=question, answer=answer, input_image=image)
     if task == "t2i":
         return make_sample(task, image_size, text=record.text, target_image=image)
+    if task not in TASK_NEEDS:  # another plugin's task: the record's fields as they are
+        return make_sample(task, image_size, record.text, record.answer, input_image=image, target_image=target_image)
     target = image if target_image is None else target_image
     text = record.text if task == "ti2i" else ""
     return make_sample(task, image_size, text=text, input_image=image, target_image=target)
@@ -109,7 +118,7 @@ def record_sample(
 
 class RecordDataModule(LightningDataModule):
     """The settings the record-based datamodules share, checked in one place; the subclasses document them (the
-    CLI reads their constructors). ``task_ratios`` None means tarkit's ``DEFAULT_TASK_RATIOS``."""
+    CLI reads their constructors). ``task_ratios`` None means the registered tasks' default mix."""
 
     def __init__(
         self,
@@ -129,6 +138,6 @@ class RecordDataModule(LightningDataModule):
         self.image_size = image_size
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.mix = TaskMix(DEFAULT_TASK_RATIOS if task_ratios is None else task_ratios, seed)
+        self.mix = TaskMix(default_task_ratios() if task_ratios is None else task_ratios, seed)
         self.default_question = default_question
         self.seed = seed

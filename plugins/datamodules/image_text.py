@@ -134,7 +134,7 @@ class ImageTextDataModule(RecordDataModule):
         batch_size: samples per batch.
         num_workers: DataLoader worker processes (0 loads in the main process).
         task_ratios: relative frequency of each task (``i2t``, ``t2i``, ``i2i``, ``ti2i``) among the records
-            that support it; None for tarkit's ``DEFAULT_TASK_RATIOS``. Records supporting no task with a
+            that support it; None for the registered tasks' default mix. Records supporting no task with a
             positive ratio are left out (with a warning).
         default_question: the question of i2t samples made from captions.
         seed: seed of the task choice and of the training shuffle.

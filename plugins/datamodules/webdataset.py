@@ -158,7 +158,7 @@ class WebDatasetDataModule(RecordDataModule):
         batch_size: samples per batch.
         num_workers: DataLoader worker processes (0 loads in the main process); shards are split between them.
         task_ratios: relative frequency of each task (``i2t``, ``t2i``, ``i2i``; ``ti2i`` needs edit pairs, which
-            shards do not carry) among the samples that support it; None for tarkit's ``DEFAULT_TASK_RATIOS``.
+            shards do not carry) among the samples that support it; None for the registered tasks' default mix.
         default_question: the question of i2t samples made from captions.
         shuffle_buffer: shuffle training samples within a buffer of this many per worker (0: stream order).
         shuffle_shards: shuffle the training shard order, differently each epoch.

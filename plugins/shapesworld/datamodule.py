@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from tarkit.data import DEFAULT_TASK_RATIOS, EpochDataLoader, TaskMix, image_to_tensor, make_sample
+from tarkit.data import EpochDataLoader, TaskMix, default_task_ratios, image_to_tensor, make_sample
 from tarkit_plugins.shapesworld.world import TAGS, SceneSampler, render
 
 CAPTION_QUESTIONS: tuple[str, ...] = (
@@ -17,6 +17,9 @@ CAPTION_QUESTIONS: tuple[str, ...] = (
     "What is in the image?",
     "List the shapes in the image.",
 )
+
+
+SHAPESWORLD_TASKS = ("i2t", "t2i", "i2i", "ti2i")  # what a scene can make
 
 
 def answer_text(label: str) -> str:
@@ -101,7 +104,14 @@ class ShapesWorldDataModule(LightningDataModule):
         if not 0.0 <= pope_fraction <= 1.0:
             raise ValueError(f"pope_fraction must be in [0, 1], got {pope_fraction}")
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.task_mix = TaskMix(task_ratios or DEFAULT_TASK_RATIOS, seed)
+        ratios = task_ratios or {t: r for t, r in default_task_ratios().items() if t in SHAPESWORLD_TASKS}
+        unsupported = sorted(t for t, r in ratios.items() if r > 0 and t not in SHAPESWORLD_TASKS)
+        if unsupported:
+            raise ValueError(
+                f"ShapesWorld makes {', '.join(SHAPESWORLD_TASKS)} samples, not {', '.join(unsupported)}; remove them "
+                "from task_ratios"
+            )
+        self.task_mix = TaskMix(ratios, seed)
         common = {"seed": seed, "size": image_size, "tags": tuple(tags or TAGS), "noise_std": noise_std}
         self.train_set = ShapesWorldDataset(
             SceneSampler(train_split, **common), train_size, self.task_mix, pope_fraction

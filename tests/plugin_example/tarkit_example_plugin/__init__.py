@@ -1,4 +1,5 @@
-"""A minimal third-party tarkit plugin: one LightningModule and one datamodule, registered by entry points."""
+"""A minimal third-party tarkit plugin, registered by entry points: a LightningModule and a datamodule, and a fifth
+LM task (``t2t``, text questions answered in text) with a datamodule that makes its samples."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from torch.utils.data import DataLoader, TensorDataset
 
-from tarkit.interfaces import CodebookProjection
+from tarkit.data import make_sample
+from tarkit.interfaces import CodebookProjection, TaskFormatter
+from tarkit.prompts import chat_example
 
 
 class ExampleRegressor(LightningModule):
@@ -47,3 +50,30 @@ class ExampleRandomData(LightningDataModule):
         return DataLoader(TensorDataset(data), batch_size=self.batch_size)
 
     train_dataloader = val_dataloader = predict_dataloader = _loader
+
+
+class TextToText(TaskFormatter):
+    """t2t: a question in the user turn, its answer supervised; no image."""
+
+    name = "t2t"
+    needs = frozenset({"text", "answer"})
+
+    def format(self, sample, tokenizer, vocab):
+        return chat_example(tokenizer, [sample["text"]], [sample["answer"]])
+
+
+class ExampleQAData(LightningDataModule):
+    """Arithmetic questions as ``t2t`` samples (images blank, as every tarkit sample batch carries them)."""
+
+    def __init__(self, num_samples: int = 8, batch_size: int = 4, image_size: int = 48):
+        super().__init__()
+        self.num_samples, self.batch_size, self.image_size = num_samples, batch_size, image_size
+
+    def _loader(self) -> DataLoader:
+        samples = [
+            make_sample("t2t", self.image_size, text=f"What is {i} plus {i}?", answer=str(2 * i))
+            for i in range(self.num_samples)
+        ]
+        return DataLoader(samples, batch_size=self.batch_size)
+
+    train_dataloader = val_dataloader = _loader

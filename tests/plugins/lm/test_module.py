@@ -53,7 +53,7 @@ def test_fit_exports_a_folder_plain_transformers_loads(tar_dir):
 def test_the_exported_folder_records_its_training(tar_dir, tatok_dir):
     record = TATokRecord(str(tatok_dir), os.path.relpath(tatok_dir, tar_dir), [1, 2, 3], 32)
     assert read_settings(tar_dir) == TarSettings(
-        train_scales=[2], tatok=record, generation=GenerationDefaults(scale=2, cfg_scale=1.0)
+        train_scales=[2], tatok=record, generation=GenerationDefaults(scale=2, cfg_scale=1.0), lm_plugin="hf_causal_lm"
     )
     assert GenerationConfig.from_pretrained(tar_dir).tar["train_scales"] == [2]
 
@@ -72,6 +72,18 @@ def test_a_folder_without_image_tokens_is_a_clear_error(tmp_path, tatok_dir):
     HFCausalLM(preset="tiny", tokenizer="bytes").save_pretrained(tmp_path / "plain")
     with pytest.raises(VocabularyError, match="has no <im_start>"):
         ImageToText(str(tmp_path / "plain"), str(tatok_dir))
+
+
+def test_a_task_another_plugin_registers_trains_with_no_core_edit(tatok_dir, tmp_path):
+    """The example plugin's fifth task, t2t, from its own datamodule, through the LM module."""
+    out = tmp_path / "lm"
+    main(["fit", "--config", str(ROOT / "recipes/tiny/lm.yaml"), "--trainer.max_steps=2",
+          "--trainer.limit_val_batches=0", f"--model.init_args.tatok={tatok_dir}",
+          f"--model.init_args.export_dir={out}",
+          "--data=example_qa", "--data.init_args.batch_size=4", f"--trainer.default_root_dir={tmp_path / 'run'}"])
+    logged = (tmp_path / "run" / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "train/loss_t2t" in logged and "train/acc_t2t" in logged
+    assert (out / "config.json").is_file()
 
 
 def test_task_formatters_supervise_only_the_assistant_turn():
