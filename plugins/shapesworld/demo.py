@@ -70,10 +70,10 @@ class Stage:
 
 STAGES: tuple[Stage, ...] = (
     Stage("teacher", "teacher.yaml", 400, 20, ("val/retrieval_acc", "train/retrieval_acc")),
-    Stage("tatok", "tatok.yaml", 800, 20, ("val/recon_cosine_s1", "train/recon_cosine")),
-    Stage("pixel_vq", "pixel_vq.yaml", 1200, 20, ("val/psnr", "train/psnr")),
-    Stage("ar_detok", "ar_detok.yaml", 300, 20, ("val/psnr", "train/loss")),
-    Stage("lm", "lm.yaml", 500, 20, ("val/acc_i2t", "val/loss", "train/loss")),
+    Stage("tatok", "tatok.yaml", 700, 20, ("val/recon_cosine_s1", "train/recon_cosine")),
+    Stage("pixel_vq", "pixel_vq.yaml", 1000, 20, ("val/psnr", "train/psnr")),
+    Stage("ar_detok", "ar_detok.yaml", 200, 20, ("val/psnr", "train/loss")),
+    Stage("lm", "lm.yaml", 450, 20, ("val/acc_i2t", "val/loss", "train/loss")),
 )
 
 
