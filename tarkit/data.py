@@ -49,12 +49,13 @@ def default_task_ratios() -> dict[str, float]:
     return {name: formatters[name].default_ratio for name in task_names() if formatters[name].default_ratio > 0}
 
 
-def task_needs(task: str) -> frozenset[str]:
-    """The sample fields a sample of ``task`` must have; an unknown task is a one-line error."""
+def missing_fields(task: str, present: Mapping[str, bool]) -> list[str]:
+    """The sample fields ``task`` needs that ``present`` (field -> whether it is there) lacks; an unknown task is a
+    one-line error."""
     formatters = _formatters()
     if task not in formatters:
         raise ValueError(f"unknown task {task!r}; tasks are {', '.join(task_names())}")
-    return formatters[task].needs
+    return sorted(field for field in formatters[task].needs if not present[field])
 
 
 class DataWarning(UserWarning):
@@ -209,7 +210,7 @@ def make_sample(
         "input_image": input_image is not None,
         "target_image": target_image is not None,
     }
-    missing = sorted(field for field in task_needs(task) if not given[field])
+    missing = missing_fields(task, given)
     if missing:
         raise DataFormatError(f"a {task} sample needs {', '.join(missing)}")
     blank = torch.zeros(3, image_size, image_size)
@@ -246,9 +247,8 @@ class TaskMix:
         """A task for record ``index`` among ``supported`` (None: any), in the ratios' order (so it is stable)."""
         candidates = [t for t in self.ratios if (supported is None or t in supported) and self.ratios[t] > 0]
         if not candidates:
-            raise DataFormatError(
-                f"record {index} supports tasks {list(supported)} but task_ratios {dict(self.ratios)} enables none"
-            )
+            tasks = "any task" if supported is None else f"tasks {list(supported)}"
+            raise DataFormatError(f"record {index} supports {tasks} but task_ratios {dict(self.ratios)} enables none")
         rng = random.Random(f"{self.seed}/{epoch}/{index}")
         return rng.choices(candidates, weights=[self.ratios[t] for t in candidates])[0]
 

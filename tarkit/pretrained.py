@@ -92,10 +92,15 @@ def part_config(model: PretrainedMixin) -> dict[str, Any]:
     return {**_identity(type(model)), "init_args": model.config_dict()}
 
 
+def _saved_part(config: Any) -> Any:
+    """A saved ``config.json`` without its ``tarkit_version`` record: the part it describes."""
+    return {k: v for k, v in config.items() if k != "tarkit_version"} if isinstance(config, dict) else config
+
+
 def config_class(config: dict[str, Any]) -> type | None:
     """The class a saved ``config.json`` describes, or None when it is not a tarkit config (e.g. a Hugging Face
     folder's); an installed-nowhere class is a :class:`PretrainedLoadError`."""
-    part = {k: v for k, v in config.items() if k != "tarkit_version"} if isinstance(config, dict) else None
+    part = _saved_part(config)
     return _resolve_class(part) if _is_part(part) else None
 
 
@@ -223,7 +228,7 @@ class PretrainedMixin:
     def from_config(cls, config: dict[str, Any]) -> Self:
         """Build an untrained model from a config as :meth:`save_pretrained` writes it (registry ``group`` and
         ``name``, or ``class_path``; ``init_args``)."""
-        part = {k: v for k, v in config.items() if k != "tarkit_version"} if isinstance(config, dict) else config
+        part = _saved_part(config)
         if not _is_part(part):
             raise PretrainedLoadError(
                 "config must have 'init_args' and either 'group' + 'name' or 'class_path' entries"

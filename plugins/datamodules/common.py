@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningDataModule
 
-from tarkit.data import DataFormatError, TaskMix, default_task_ratios, make_sample, task_names, task_needs
+from tarkit.data import DataFormatError, TaskMix, default_task_ratios, make_sample, missing_fields, task_names
 
 # What a task needs from a record, for the error that names what to fix.
 TASK_NEEDS: dict[str, str] = {
@@ -68,7 +68,7 @@ def parse_record(fields: Mapping[str, Any]) -> Record:
         supported = ("i2i",) if task else ()
     if task and task not in TASK_NEEDS:  # another plugin's task: the fields it needs
         fields_present = {"text": bool(text), "answer": bool(answer), "target_image": bool(target), "input_image": True}
-        missing = sorted(f for f in task_needs(task) if not fields_present[f])
+        missing = missing_fields(task, fields_present)
         if missing:
             raise DataFormatError(f'"task" {task!r} needs {", ".join(missing)}, which this record lacks')
         supported = (task,)
