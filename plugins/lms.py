@@ -22,6 +22,7 @@ from tarkit.paths import resolve_path
 from tarkit.presets import preset_values
 from tarkit.pretrained import PretrainedLoadError, resolve_pretrained_dir
 from tarkit.vocab import IM_START, ImageVocabulary
+from tarkit_plugins.lm.cached_decoder import HFCachedDecoder
 from tarkit_plugins.lm.tokenizers import QWEN2, TOKENIZER_FILES, load_tokenizer
 from tarkit_plugins.lm.vocab_expansion import check_vocabulary, expand_vocabulary
 
@@ -217,6 +218,10 @@ class HFCausalLM(LanguageModel):
     def output_head(self) -> nn.Module:
         """The LM head (``nn.Linear``, ``weight [V, H]``): restrict it to the image rows for image sampling."""
         return self.model.get_output_embeddings()
+
+    def incremental_decoder(self, attention_mask: torch.Tensor) -> HFCachedDecoder:
+        """The decoder stack over its KV cache, positions counting real tokens only (as HF ``generate``)."""
+        return HFCachedDecoder(self.model, attention_mask)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Write the model and tokenizer as one Hugging Face folder (the layout of the reference's Tar-1.5B)."""

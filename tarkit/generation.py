@@ -1,19 +1,13 @@
-"""Sampling from any Hugging Face causal LM: constrained image-token generation (T2I, with CFG) and text answers.
+"""Sampling from any :class:`~tarkit.interfaces.LanguageModel`: constrained image-token generation (T2I, with
+CFG) and text answers.
 
     prompt (left-padded, ends where the assistant turn begins) + ``<im_start><S{k}>`` (teacher-forced)
-        -> N steps: last hidden state @ lm_head.weight[image rows].T -> (CFG) -> top-k / top-p sample
-        -> feed the image token back through the KV cache -> codes [B, N]
+        -> N steps: last hidden state @ output_head.weight[image rows].T -> (CFG) -> top-k / top-p sample
+        -> feed the image token back through the LM's incremental decoder -> codes [B, N]
 
-What is assumed of ``model`` (a ``transformers`` ``PreTrainedModel`` causal LM, e.g. ``Qwen2ForCausalLM``):
-
-* ``model.base_model`` is the decoder stack: called with ``input_ids``, a 2D ``attention_mask`` (1 = real
-  token) covering past + new tokens, ``position_ids``, ``use_cache=True`` and the cache from its previous
-  output (keyword ``cache``, or ``past_key_values`` on older releases), it returns ``last_hidden_state`` (after
-  the final norm) and the updated cache.
-* ``model.get_output_embeddings()`` is a linear head (``weight [V, H]``, optional ``bias``) and the model's
-  logits are exactly ``head(last_hidden_state)``: no logit scaling or soft-capping after it (Qwen2, Llama and
-  Mistral qualify; Gemma2's soft-capping would not be reproduced).
-* The caller puts the model in ``eval()`` mode; nothing here changes its mode or needs gradients.
+Only the interface is used: ``lm.incremental_decoder(mask)`` (prefill, then one cached step per token) and
+``lm.output_head`` (an ``nn.Linear`` whose output is exactly the LM's logits). The caller puts the LM in
+``eval()`` mode; nothing here changes its mode or needs gradients.
 
 Restricting the head to the image rows is what makes the image span cheap: a Qwen2.5 head over ~217k tokens is
 a ``[H, 217k]`` matmul per step, the 65,536 image rows a contiguous view of 30% of it, and tokens outside the
@@ -22,7 +16,6 @@ span can then never be sampled at all (no mask over the text vocabulary needed).
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any
 
@@ -30,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from tarkit.interfaces import LanguageModel
 from tarkit.vocab import ImageVocabulary
 
 __all__ = ["generate_image_codes", "generate_text", "sample_next"]
@@ -84,7 +78,7 @@ def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) 
 
 @torch.no_grad()
 def generate_image_codes(
-    model: nn.Module,
+    lm: LanguageModel,
     vocab: ImageVocabulary,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -101,8 +95,8 @@ def generate_image_codes(
     """Generate exactly ``num_tokens`` image tokens per prompt and return them as TA-Tok codes ``[B, num_tokens]``.
 
     Args:
-        model: a Hugging Face causal LM with tarkit's image vocabulary (see the module docstring).
-        vocab: the ids of ``<im_start>``, the scale tokens and the image tokens in ``model``'s vocabulary.
+        lm: a language model with tarkit's image vocabulary (see the module docstring).
+        vocab: the ids of ``<im_start>``, the scale tokens and the image tokens in ``lm``'s vocabulary.
         input_ids, attention_mask: ``[B, T]`` left-padded prompts that end where the assistant turn begins;
             ``<im_start><S{scale_index}>`` is appended here.
         num_tokens: image tokens to generate (729/169/81 at scales 1/2/3 in the reference).
@@ -131,7 +125,7 @@ def generate_image_codes(
         raise ValueError(f"cfg_scale={cfg_scale} needs the unconditional prompt (uncond_input_ids/_attention_mask)")
     _check_sampling(temperature, top_k, top_p)
 
-    weight, bias = _output_head(model)
+    weight, bias = _output_head(lm)
     rows = slice(vocab.image_start, vocab.image_end)
     if vocab.image_end > weight.shape[0]:
         raise ValueError(f"the model's head has {weight.shape[0]} rows, the image tokens end at {vocab.image_end}")
@@ -151,7 +145,7 @@ def generate_image_codes(
         ids = torch.cat([_left_pad(ids, length), _left_pad(u_ids, length)])
         mask = torch.cat([_left_pad(mask, length), _left_pad(u_mask, length)])
 
-    decoder = _CachedDecoder(model, mask)
+    decoder = lm.incremental_decoder(mask)
     hidden = decoder.prefill(ids)
     picked = []
     for step in range(num_tokens):
@@ -169,7 +163,7 @@ def generate_image_codes(
 
 @torch.no_grad()
 def generate_text(
-    model: nn.Module,
+    lm: LanguageModel,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     max_new_tokens: int,
@@ -191,7 +185,7 @@ def generate_text(
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     _check_sampling(temperature, top_k, top_p)
-    weight, bias = _output_head(model)
+    weight, bias = _output_head(lm)
     vocab_size = weight.shape[0]
     if banned_token_ids is not None:
         start, end = banned_token_ids
@@ -209,7 +203,7 @@ def generate_text(
         return new_tokens
     eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    decoder = _CachedDecoder(model, attention_mask.to(device))
+    decoder = lm.incremental_decoder(attention_mask.to(device))
     hidden = decoder.prefill(input_ids.to(device))
     for step in range(max_new_tokens):
         logits = F.linear(hidden, weight, bias).float()  # [B, V], the last position only
@@ -227,66 +221,12 @@ def generate_text(
     return new_tokens
 
 
-class _CachedDecoder:
-    """The base model run incrementally over a KV cache, with positions that ignore left padding.
-
-    A left-padded row's first real token sits at position 0, as it would alone: prefill positions are
-    ``cumsum(mask) - 1`` (pads clamped to 0; they are masked out anyway), and each later token takes its row's
-    next position, so the rotary phases of a row do not depend on how much padding the batch gave it. The 2D
-    mask grows by one column of ones per step; the model turns it into the causal + padding mask.
-    """
-
-    def __init__(self, model: nn.Module, attention_mask: torch.Tensor) -> None:
-        self.base = _base_model(model)
-        self.cache_kwarg = _cache_keyword(self.base)
-        self.mask = attention_mask.long()
-        self.next_position = self.mask.sum(dim=-1)  # [R]: real tokens seen so far
-        self.cache: Any = None
-
-    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Run the whole prompt; return the last position's hidden state ``[R, H]``."""
-        positions = (self.mask.cumsum(dim=-1) - 1).clamp(min=0)
-        return self._forward(input_ids, positions)
-
-    def step(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """Append one token per row (``[R]``); return its hidden state ``[R, H]``."""
-        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
-        positions = self.next_position.unsqueeze(1)
-        self.next_position = self.next_position + 1
-        return self._forward(token_ids.unsqueeze(1), positions)
-
-    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        output = self.base(
-            input_ids=input_ids,
-            attention_mask=self.mask,
-            position_ids=positions,
-            use_cache=True,
-            **{self.cache_kwarg: self.cache},
-        )
-        self.cache = output[self.cache_kwarg]
-        return output.last_hidden_state[:, -1]
-
-
-def _base_model(model: nn.Module) -> nn.Module:
-    """The decoder stack under the LM head (``Qwen2ForCausalLM.model``)."""
-    base = getattr(model, "base_model", None)
-    if base is None or base is model:
-        raise ValueError(f"{type(model).__name__} has no base_model under its LM head: pass a *ForCausalLM model")
-    return base
-
-
-def _output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``weight [V, H]`` and ``bias [V]`` (or None) of the LM head."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+def _output_head(lm: LanguageModel) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``weight [V, H]`` and ``bias [V]`` (or None) of the LM's output head."""
+    head = lm.output_head
     if not isinstance(head, nn.Linear):
-        raise ValueError(f"{type(model).__name__}.get_output_embeddings() is not an nn.Linear head: {type(head)}")
+        raise ValueError(f"{type(lm).__name__}.output_head is not an nn.Linear head: {type(head).__name__}")
     return head.weight, head.bias
-
-
-def _cache_keyword(base: nn.Module) -> str:
-    """transformers 5 renamed the KV cache argument ``past_key_values`` to ``cache``; accept either."""
-    parameters = inspect.signature(base.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def _check_prompts(input_ids: Any, attention_mask: Any, ids_name: str, mask_name: str) -> None:

@@ -151,10 +151,28 @@ class DeTokenizer(PretrainedMixin, nn.Module, ABC):
         """Images ``[B, 3, H, W]`` in ``[0, 1]`` from condition features ``[B, N, C]``."""
 
 
+class IncrementalDecoder(ABC):
+    """One batch of left-padded prompts decoded a token at a time over a cache (see :mod:`tarkit.generation`).
+
+    Made by :meth:`LanguageModel.incremental_decoder` for a 2D ``attention_mask [R, T]`` (1 = real token).
+    A row's positions count its real tokens only, so left padding does not change what a row decodes.
+    """
+
+    @abstractmethod
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Run the whole prompt ``[R, T]``; return the last position's final hidden state ``[R, H]``."""
+
+    @abstractmethod
+    def step(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Append one token per row (``[R]``); return its final hidden state ``[R, H]``."""
+
+
 class LanguageModel(PretrainedMixin, nn.Module, ABC):
     """A causal language model and its tokenizer, whose vocabulary tarkit expands with image words.
 
-    Group ``tarkit.lms``. ``model`` is the underlying Hugging Face causal LM (generation drives it directly).
+    Group ``tarkit.lms``. Generation needs only :meth:`incremental_decoder` and :attr:`output_head`: logits are
+    ``output_head(hidden)``, so image sampling can multiply by the head's image rows alone. ``model`` is the
+    underlying network (for a Hugging Face LM, its ``PreTrainedModel``).
     """
 
     model: nn.Module
@@ -184,7 +202,12 @@ class LanguageModel(PretrainedMixin, nn.Module, ABC):
     @property
     @abstractmethod
     def output_head(self) -> nn.Module:
-        """The output projection (``weight [V, H]``)."""
+        """The output projection, an ``nn.Linear`` (``weight [V, H]``, optional bias): logits are exactly
+        ``output_head(hidden)``, with no scaling or soft-capping after it."""
+
+    @abstractmethod
+    def incremental_decoder(self, attention_mask: torch.Tensor) -> IncrementalDecoder:
+        """A cached decoder for prompts with this ``attention_mask [R, T]``; the caller holds the model in eval."""
 
 
 SAMPLE_FIELDS = ("text", "answer", "input_image", "target_image")

@@ -268,7 +268,7 @@ class ImageToText(_TarPipeline):
         ids, mask = left_pad(rows, self.tokenizer.pad_token_id)
         eos = [self.tokenizer.convert_tokens_to_ids("<|im_end|>"), self.tokenizer.eos_token_id]
         new = generate_text(
-            self.lm.model,
+            self.lm,
             ids,
             mask,
             max_new_tokens,
@@ -344,7 +344,7 @@ class TextToImage(_TarPipeline):
         ids, mask = left_pad([user_prefix(self.tokenizer, [p]) for p in check_prompts(prompts)], pad)
         uncond_ids, uncond_mask = left_pad([user_prefix(self.tokenizer, [""])], pad)  # one row serves every prompt
         return generate_image_codes(
-            self.lm.model,
+            self.lm,
             self.vocab,
             ids,
             mask,

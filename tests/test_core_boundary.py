@@ -78,3 +78,15 @@ def test_the_core_modules_import_each_other_without_a_cycle():
     for name in sorted(graph):
         visit(name, [])
     assert not cycles
+
+
+def test_the_core_drives_language_models_through_the_interface_only():
+    """No reaching past ``LanguageModel`` into a Hugging Face model's internals (its decoder stack or head)."""
+    hf_internals = {"base_model", "get_output_embeddings", "get_input_embeddings", "lm_head"}
+    offenders = [
+        f"{module}:{node.lineno} .{node.attr}"
+        for module, tree in core_modules().items()
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and node.attr in hf_internals
+    ]
+    assert not offenders

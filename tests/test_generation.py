@@ -1,4 +1,5 @@
-"""tarkit.generation on a tiny random Qwen2 whose vocabulary ends in a hand-made image vocabulary."""
+"""tarkit.generation on a tiny random Qwen2 whose vocabulary ends in a hand-made image vocabulary, driven through
+the LanguageModel interface with the HF LM plugin's cached decoder."""
 
 import pytest
 import torch
@@ -7,7 +8,9 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import tarkit.generation as generation
 from tarkit.generation import generate_image_codes, generate_text, sample_next
+from tarkit.interfaces import IncrementalDecoder, LanguageModel
 from tarkit.vocab import ImageVocabulary
+from tarkit_plugins.lm.cached_decoder import HFCachedDecoder
 
 BASE, K = 100, 40  # text ids 0..99, <im_start>=100, <im_end>=101, <S0..S2>=102..104, images 105..144
 VOCAB = ImageVocabulary(im_start=100, im_end=101, scale_ids=(102, 103, 104), image_start=105, num_codes=K)
@@ -36,6 +39,32 @@ def tiny_lm(seed: int = 0) -> Qwen2ForCausalLM:
         tie_word_embeddings=False,
     )
     return Qwen2ForCausalLM(config).eval()
+
+
+class BareLM(LanguageModel):
+    """The generation half of the interface over a bare HF model (no tokenizer), as ``HFCausalLM`` builds it."""
+
+    def __init__(self, model: Qwen2ForCausalLM):
+        super().__init__()
+        self.model = model
+
+    @property
+    def output_head(self) -> nn.Module:
+        return self.model.lm_head
+
+    def incremental_decoder(self, attention_mask: torch.Tensor) -> HFCachedDecoder:
+        return HFCachedDecoder(self.model, attention_mask)
+
+    tokenizer = vocab = None  # generation needs neither
+
+    def ensure_image_vocabulary(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def forward(self, input_ids, attention_mask=None):
+        raise NotImplementedError
+
+    def hidden_states(self, input_ids, attention_mask=None):
+        raise NotImplementedError
 
 
 def with_biased_head(model: Qwen2ForCausalLM, rows: slice, bias: float = 1e4) -> Qwen2ForCausalLM:
@@ -140,7 +169,7 @@ def test_image_generation_always_yields_exactly_n_valid_codes(num_tokens, length
         assert (model(full).logits[:, -1].argmax(-1) < VOCAB.image_start).all()  # unconstrained: never an image
     for top_k, top_p in [(1200, 0.95), (None, None), (3, None)]:
         codes = generate_image_codes(
-            model,
+            BareLM(model),
             VOCAB,
             ids,
             mask,
@@ -160,7 +189,7 @@ def test_image_row_logits_equal_full_vocabulary_logits(monkeypatch):
     ids, mask = left_pad(prompts)
     seen = []
     monkeypatch.setattr(generation, "sample_next", lambda logits, *a: seen.append(logits) or logits.argmax(-1))
-    codes = generate_image_codes(model, VOCAB, ids, mask, num_tokens=2, scale_index=1)
+    codes = generate_image_codes(BareLM(model), VOCAB, ids, mask, num_tokens=2, scale_index=1)
     assert len(seen) == 2 and seen[0].shape == (2, K)
     with torch.no_grad():
         for row, prompt in enumerate(prompts):
@@ -173,7 +202,7 @@ def test_image_row_logits_equal_full_vocabulary_logits(monkeypatch):
 def test_kv_cache_decoding_equals_full_recomputation():
     model = tiny_lm()
     prompts = random_prompts([6, 2, 4])
-    codes = generate_image_codes(model, VOCAB, *left_pad(prompts), num_tokens=12, scale_index=0, temperature=0)
+    codes = generate_image_codes(BareLM(model), VOCAB, *left_pad(prompts), num_tokens=12, scale_index=0, temperature=0)
     for row, prompt in enumerate(prompts):
         assert codes[row].tolist() == reference_codes(model, prompt, 12, 0)
 
@@ -181,9 +210,13 @@ def test_kv_cache_decoding_equals_full_recomputation():
 def test_left_padded_batch_equals_each_prompt_alone():
     model = tiny_lm(seed=3)
     prompts = random_prompts([3, 9], seed=5)
-    batched = generate_image_codes(model, VOCAB, *left_pad(prompts), num_tokens=10, scale_index=2, temperature=0)
+    batched = generate_image_codes(
+        BareLM(model), VOCAB, *left_pad(prompts), num_tokens=10, scale_index=2, temperature=0
+    )
     for row, prompt in enumerate(prompts):
-        alone = generate_image_codes(model, VOCAB, *left_pad([prompt]), num_tokens=10, scale_index=2, temperature=0)
+        alone = generate_image_codes(
+            BareLM(model), VOCAB, *left_pad([prompt]), num_tokens=10, scale_index=2, temperature=0
+        )
         assert torch.equal(batched[row], alone[0])
 
 
@@ -197,7 +230,9 @@ def test_positions_count_real_tokens_only():
     model.model.register_forward_pre_hook(
         lambda _, args, kwargs: positions.append(kwargs["position_ids"].tolist()), with_kwargs=True
     )
-    generate_image_codes(model, VOCAB, *left_pad(random_prompts([2, 4])), num_tokens=3, scale_index=0, temperature=0)
+    generate_image_codes(
+        BareLM(model), VOCAB, *left_pad(random_prompts([2, 4])), num_tokens=3, scale_index=0, temperature=0
+    )
     assert positions[0] == [[0, 0, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5]]  # prompt + <im_start><S0>; pads clamped to 0
     assert positions[1:] == [[[4], [6]], [[5], [7]]]
 
@@ -207,13 +242,13 @@ def test_cfg_scale_one_is_plain_sampling_with_the_same_random_draws():
     ids, mask = left_pad(random_prompts([4, 7]))
     u_ids, u_mask = left_pad(random_prompts([3], seed=9))
     g_plain, g_cfg = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
-    plain = generate_image_codes(model, VOCAB, ids, mask, 20, 1, generator=g_plain, top_k=10)
+    plain = generate_image_codes(BareLM(model), VOCAB, ids, mask, 20, 1, generator=g_plain, top_k=10)
     rows = []
     model.model.register_forward_pre_hook(
         lambda _, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True
     )
     cfg_one = generate_image_codes(
-        model,
+        BareLM(model),
         VOCAB,
         ids,
         mask,
@@ -228,7 +263,9 @@ def test_cfg_scale_one_is_plain_sampling_with_the_same_random_draws():
     assert torch.equal(plain, cfg_one)
     assert torch.equal(g_plain.get_state(), g_cfg.get_state())
     assert set(rows) == {2}  # the unconditional prompt is not even run
-    other = generate_image_codes(model, VOCAB, ids, mask, 20, 1, generator=torch.Generator().manual_seed(12), top_k=10)
+    other = generate_image_codes(
+        BareLM(model), VOCAB, ids, mask, 20, 1, generator=torch.Generator().manual_seed(12), top_k=10
+    )
     assert not torch.equal(plain, other)  # the seed matters, so the equality above means something
 
 
@@ -242,7 +279,7 @@ def test_cfg_runs_cond_and_uncond_as_one_batch_and_guides():
         lambda _, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True
     )
     guided = generate_image_codes(
-        model,
+        BareLM(model),
         VOCAB,
         ids,
         mask,
@@ -254,14 +291,14 @@ def test_cfg_runs_cond_and_uncond_as_one_batch_and_guides():
         temperature=0,
     )
     assert rows == [6] * 8  # prefill + 7 fed tokens (the 8th is never fed back), all 2B rows
-    unguided = generate_image_codes(model, VOCAB, ids, mask, 8, 0, temperature=0)
+    unguided = generate_image_codes(BareLM(model), VOCAB, ids, mask, 8, 0, temperature=0)
     assert not torch.equal(guided, unguided)
     for row, prompt in enumerate(prompts):
         assert guided[row].tolist() == reference_codes(model, prompt, 8, 0, cfg_scale=3.0, uncond=uncond)
 
     g_guided, g_plain = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
     generate_image_codes(
-        model,
+        BareLM(model),
         VOCAB,
         ids,
         mask,
@@ -272,7 +309,7 @@ def test_cfg_runs_cond_and_uncond_as_one_batch_and_guides():
         uncond_attention_mask=u_mask.expand(3, -1),
         generator=g_guided,
     )
-    generate_image_codes(model, VOCAB, ids, mask, 5, 0, generator=g_plain)
+    generate_image_codes(BareLM(model), VOCAB, ids, mask, 5, 0, generator=g_plain)
     assert torch.equal(g_guided.get_state(), g_plain.get_state())  # guidance draws the same random numbers
 
 
@@ -280,17 +317,17 @@ def test_image_generation_rejects_bad_calls():
     model = tiny_lm()
     ids, mask = left_pad(random_prompts([2, 4]))
     with pytest.raises(ValueError, match="left-padded"):
-        generate_image_codes(model, VOCAB, ids, mask.flip(1), 4, 0)
+        generate_image_codes(BareLM(model), VOCAB, ids, mask.flip(1), 4, 0)
     with pytest.raises(ValueError, match="unconditional prompt"):
-        generate_image_codes(model, VOCAB, ids, mask, 4, 0, cfg_scale=2.0)
+        generate_image_codes(BareLM(model), VOCAB, ids, mask, 4, 0, cfg_scale=2.0)
     with pytest.raises(ValueError, match="scale_index"):
-        generate_image_codes(model, VOCAB, ids, mask, 4, 3)
+        generate_image_codes(BareLM(model), VOCAB, ids, mask, 4, 3)
     with pytest.raises(ValueError, match="num_tokens"):
-        generate_image_codes(model, VOCAB, ids, mask, 0, 0)
+        generate_image_codes(BareLM(model), VOCAB, ids, mask, 0, 0)
     with pytest.raises(ValueError, match="batch"):
         u_ids, u_mask = left_pad(random_prompts([2, 2, 2]))
         generate_image_codes(
-            model, VOCAB, ids, mask, 4, 0, cfg_scale=2.0, uncond_input_ids=u_ids, uncond_attention_mask=u_mask
+            BareLM(model), VOCAB, ids, mask, 4, 0, cfg_scale=2.0, uncond_input_ids=u_ids, uncond_attention_mask=u_mask
         )
 
 
@@ -301,27 +338,27 @@ def test_text_generation_stops_each_row_at_its_first_eos():
     model = tiny_lm(seed=2)
     prompts = random_prompts([5, 2, 7], seed=3)
     ids, mask = left_pad(prompts)
-    free = generate_text(model, ids, mask, max_new_tokens=12, eos_token_ids=[])
+    free = generate_text(BareLM(model), ids, mask, max_new_tokens=12, eos_token_ids=[])
     assert [len(r) for r in free] == [12, 12, 12]
     eos = free[0][3]
-    stopped = generate_text(model, ids, mask, max_new_tokens=12, eos_token_ids=[eos, 10_000])
+    stopped = generate_text(BareLM(model), ids, mask, max_new_tokens=12, eos_token_ids=[eos, 10_000])
     for free_row, row in zip(free, stopped, strict=True):
         end = free_row.index(eos) + 1 if eos in free_row else 12
         assert row == free_row[:end]
     assert stopped[0][-1] == eos and len(stopped[0]) <= 4
     for row, prompt in enumerate(prompts):  # left padding changes nothing
-        assert generate_text(model, *left_pad([prompt]), max_new_tokens=12, eos_token_ids=[]) == [free[row]]
+        assert generate_text(BareLM(model), *left_pad([prompt]), max_new_tokens=12, eos_token_ids=[]) == [free[row]]
 
 
 def test_text_generation_never_emits_banned_ids():
     model = with_biased_head(tiny_lm(), IMAGES)  # the model wants image tokens
     ids, mask = left_pad(random_prompts([4, 6]))
     unbanned = generate_text(
-        model, ids, mask, 8, eos_token_ids=[0], temperature=1.0, generator=torch.Generator().manual_seed(0)
+        BareLM(model), ids, mask, 8, eos_token_ids=[0], temperature=1.0, generator=torch.Generator().manual_seed(0)
     )
     assert all(VOCAB.image_start <= t < VOCAB.image_end for row in unbanned for t in row)
     banned = generate_text(
-        model,
+        BareLM(model),
         ids,
         mask,
         8,
@@ -332,6 +369,82 @@ def test_text_generation_never_emits_banned_ids():
     )
     assert all(len(row) >= 1 for row in banned)
     assert not any(VOCAB.image_start <= t < VOCAB.image_end for row in banned for t in row)
-    assert generate_text(model, ids, mask, 0, eos_token_ids=[0]) == [[], []]
+    assert generate_text(BareLM(model), ids, mask, 0, eos_token_ids=[0]) == [[], []]
     with pytest.raises(ValueError, match="eos"):
-        generate_text(model, ids, mask, 4, eos_token_ids=[VOCAB.image_start], banned_token_ids=(100, 145))
+        generate_text(BareLM(model), ids, mask, 4, eos_token_ids=[VOCAB.image_start], banned_token_ids=(100, 145))
+
+
+# --- any LanguageModel: the interface is all generation uses -------------------------------------------------
+
+
+class GRULM(LanguageModel):
+    """A language model that is no Hugging Face model at all: embedding -> GRU cell -> linear head."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.model = nn.ModuleDict(
+            {
+                "embed": nn.Embedding(VOCAB.image_end, 16),
+                "cell": nn.GRUCell(16, 16),
+                "head": nn.Linear(16, VOCAB.image_end),
+            }
+        )
+
+    @property
+    def output_head(self) -> nn.Module:
+        return self.model["head"]
+
+    def incremental_decoder(self, attention_mask: torch.Tensor) -> "GRUDecoder":
+        return GRUDecoder(self, attention_mask)
+
+    def run(self, tokens: list[int]) -> torch.Tensor:
+        """The hidden state after an unpadded sequence, recomputed from scratch."""
+        h = torch.zeros(1, 16)
+        for token in tokens:
+            h = self.model["cell"](self.model["embed"](torch.tensor([token])), h)
+        return h[0]
+
+    tokenizer = vocab = None
+
+    def ensure_image_vocabulary(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def forward(self, input_ids, attention_mask=None):
+        raise NotImplementedError
+
+    def hidden_states(self, input_ids, attention_mask=None):
+        raise NotImplementedError
+
+
+class GRUDecoder(IncrementalDecoder):
+    def __init__(self, lm: GRULM, attention_mask: torch.Tensor):
+        self.lm, self.mask, self.h = lm, attention_mask, None
+
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        self.h = torch.zeros(len(input_ids), 16)
+        for t in range(input_ids.shape[1]):  # padding leaves a row's state untouched
+            new = self.step(input_ids[:, t], update=False)
+            self.h = torch.where(self.mask[:, t, None] > 0, new, self.h)
+        return self.h
+
+    def step(self, token_ids: torch.Tensor, update: bool = True) -> torch.Tensor:
+        new = self.lm.model["cell"](self.lm.model["embed"](token_ids), self.h)
+        if update:
+            self.h = new
+        return new
+
+
+def test_generation_drives_any_language_model_through_the_interface_alone():
+    lm = GRULM().eval()
+    prompts = random_prompts([3, 6])
+    with torch.no_grad():
+        codes = generate_image_codes(lm, VOCAB, *left_pad(prompts), num_tokens=5, scale_index=1, temperature=0)
+        for row, prompt in enumerate(prompts):
+            sequence = prompt + [VOCAB.im_start, VOCAB.scale_ids[1]]
+            for code in codes[row].tolist():  # each code is the argmax of the image rows after what came before
+                logits = lm.output_head(lm.run(sequence))[IMAGES]
+                assert code == int(logits.argmax())
+                sequence.append(VOCAB.image_start + code)
+        answers = generate_text(lm, *left_pad(prompts), max_new_tokens=4, eos_token_ids=[])
+    assert [len(a) for a in answers] == [4, 4]

@@ -29,6 +29,7 @@ from tarkit.presets import preset_values
 from tarkit.pretrained import PretrainedLoadError, PretrainedMixin, check_state_dict
 
 RECON_LOSSES = ("l2", "l1")
+RESTART_SOURCES = ("random", "error")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,10 @@ class PixelVQConfig:
     ``dead_code_threshold`` > 0 restarts, in training, every code whose running usage (codes chosen per step,
     averaged over ~10 steps) falls below it at a random encoder output of the batch, as SoundStream and
     vector-quantize-pytorch do; without it a small VQ settles on a few dozen codes and merges colours.
+    ``restart_from`` picks those outputs: ``"random"`` (uniformly, so codes follow the data's density: on
+    mostly flat images most restarts land on the background and split it into many interchangeable codes) or
+    ``"error"`` (with probability proportional to the squared distance to their nearest code, so restarts go
+    where the codebook fits worst, as k-means++ seeds).
 
     ``image_size`` is what the model is used at (the network is convolutional: it sets the code grid,
     ``image_size // 2**(len(channel_mult) - 1)``, that a de-tokenizer generates).
@@ -57,6 +62,7 @@ class PixelVQConfig:
     commitment_weight: float = 0.25
     entropy_weight: float = 0.0
     dead_code_threshold: float = 0.0
+    restart_from: str = "random"
 
     @property
     def downsample(self) -> int:
@@ -88,6 +94,10 @@ def resolve_pixel_vq_config(preset: str | None, config: dict[str, Any] | None) -
     resolved = PixelVQConfig(**{**values, "channel_mult": list(values.get("channel_mult", [1, 1, 2, 2, 4]))})
     if resolved.recon_loss not in RECON_LOSSES:
         raise ValueError(f"PixelVQ: recon_loss must be one of {', '.join(RECON_LOSSES)}, got {resolved.recon_loss!r}")
+    if resolved.restart_from not in RESTART_SOURCES:
+        raise ValueError(
+            f"PixelVQ: restart_from must be one of {', '.join(RESTART_SOURCES)}, got {resolved.restart_from!r}"
+        )
     widths = [resolved.channels * m for m in resolved.channel_mult] + [resolved.channels]
     if not resolved.channel_mult or any(w % resolved.norm_groups for w in widths):
         raise ValueError(
@@ -293,10 +303,15 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _restart_dead_codes(self, flat: torch.Tensor) -> None:
-        """Move every code whose running usage is below the threshold onto a random vector of this batch."""
+        """Move every code whose running usage is below the threshold onto a vector of this batch, drawn as
+        ``restart_from`` says."""
         dead = (self.usage < self.config.dead_code_threshold).nonzero().flatten()
         if len(dead):
-            picks = torch.randint(len(flat), (len(dead),), device=flat.device)
+            if self.config.restart_from == "error":
+                error = torch.cdist(flat, self.codebook().float()).amin(dim=1).pow(2)
+                picks = torch.multinomial(error + 1e-12, len(dead), replacement=len(dead) > len(flat))
+            else:
+                picks = torch.randint(len(flat), (len(dead),), device=flat.device)
             self.embedding.weight[dead] = flat[picks].to(self.embedding.weight.dtype)
             self.usage[dead] = 1.0
 

@@ -65,6 +65,29 @@ def test_dead_code_restarts_spread_a_collapsed_codebook_over_the_data_and_keep_t
     assert "quantize.usage" not in vq.state_dict()  # training state: a saved folder keeps LlamaGen's keys
 
 
+@pytest.mark.parametrize("restart_from", ["random", "error"])
+def test_error_weighted_restarts_send_dead_codes_to_the_poorly_fitted_minority(restart_from):
+    torch.manual_seed(0)
+    # 95 % of the vectors sit where the one live code is (a flat background), 5 % far away (a rare colour)
+    common, rare = torch.tensor([1.0, 0, 0, 0]), torch.tensor([0, 1.0, 0, 0])
+    flat = torch.cat([common + 0.01 * torch.randn(950, 4), rare + 0.01 * torch.randn(50, 4)])
+    quantizer = micro_vq(dead_code_threshold=0.03, restart_from=restart_from).quantize
+    with torch.no_grad():
+        quantizer.embedding.weight[:] = common
+    quantizer.usage[0] = 1.0  # code 0 is alive; the other 31 are restarted
+    quantizer._restart_dead_codes(flat)
+    near_rare = (quantizer.codebook()[1:] @ rare > 0.9).sum().item()
+    if restart_from == "error":
+        assert near_rare == 31  # every restart goes where the codebook fits worst
+    else:
+        assert near_rare < 10  # uniform picks follow the density: most land on the background
+
+
+def test_restart_from_is_checked():
+    with pytest.raises(ValueError, match="restart_from must be one of random, error"):
+        micro_vq(restart_from="farthest")
+
+
 def test_save_load_round_trip_keeps_codes_and_images(tmp_path):
     vq = micro_vq().eval()
     vq.save_pretrained(tmp_path / "vq")
@@ -190,6 +213,7 @@ def test_tiny_recipe_fits_logs_writes_samples_and_exports(tmp_path):
         ]
     )
     vq = PixelVQ.from_pretrained(tmp_path / "vq")
-    assert vq.grid_size == 16 and vq.codebook_size == 1024  # the recipe's 4x VQ
+    assert vq.grid_size == 16 and vq.codebook_size == 256  # the recipe's 4x VQ
+    assert vq.config.restart_from == "error"
     assert vq.config.dead_code_threshold > 0
     assert [p.name for p in (tmp_path / "samples").glob("*.png")] == ["step_000000.png"]
