@@ -1,21 +1,12 @@
-"""Task formatters (group ``tarkit.tasks``): how each task kind becomes an LM training example."""
+"""Task formatters (group ``tarkit.tasks``): the user turn of each built-in task (see ``TaskFormatter``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from tarkit.interfaces import TaskFormatter
-from tarkit.prompts import chat_example, image_ids, image_span
+from tarkit.prompts import Part, image_ids
 from tarkit.vocab import ImageVocabulary
-
-
-def _codes(sample: dict[str, Any], key: str) -> torch.Tensor:
-    codes = sample.get(key)
-    if codes is None:
-        raise ValueError(f"{sample.get('task', 'this')} sample has no {key}")
-    return codes
 
 
 class ImageToText(TaskFormatter):
@@ -25,9 +16,8 @@ class ImageToText(TaskFormatter):
     needs = frozenset({"text", "answer", "input_image"})
     default_ratio = 1.0
 
-    def format(self, sample: dict[str, Any], tokenizer: Any, vocab: ImageVocabulary) -> dict[str, torch.Tensor]:
-        user = [image_ids(vocab, _codes(sample, "input_codes")), "\n" + sample["text"]]
-        return chat_example(tokenizer, user, [sample["answer"]])
+    def user(self, sample: dict[str, Any], vocab: ImageVocabulary) -> list[Part]:
+        return [image_ids(vocab, self.codes(sample, "input_codes")), "\n" + sample["text"]]
 
 
 class TextToImage(TaskFormatter):
@@ -36,10 +26,10 @@ class TextToImage(TaskFormatter):
     name = "t2i"
     needs = frozenset({"text", "target_image"})
     default_ratio = 1.0
+    output = "image"
 
-    def format(self, sample: dict[str, Any], tokenizer: Any, vocab: ImageVocabulary) -> dict[str, torch.Tensor]:
-        target = image_span(vocab, _codes(sample, "target_codes"), sample["scale_index"])
-        return chat_example(tokenizer, [sample["text"]], [target])
+    def user(self, sample: dict[str, Any], vocab: ImageVocabulary) -> list[Part]:
+        return [sample["text"]]
 
 
 class ImageToImage(TaskFormatter):
@@ -48,13 +38,13 @@ class ImageToImage(TaskFormatter):
     name = "i2i"
     needs = frozenset({"input_image", "target_image"})
     default_ratio = 0.25
+    output = "image"
 
-    def format(self, sample: dict[str, Any], tokenizer: Any, vocab: ImageVocabulary) -> dict[str, torch.Tensor]:
-        user: list[Any] = [image_ids(vocab, _codes(sample, "input_codes"))]
+    def user(self, sample: dict[str, Any], vocab: ImageVocabulary) -> list[Part]:
+        user: list[Part] = [image_ids(vocab, self.codes(sample, "input_codes"))]
         if sample.get("text"):
             user.append("\n" + sample["text"])
-        target = image_span(vocab, _codes(sample, "target_codes"), sample["scale_index"])
-        return chat_example(tokenizer, user, [target])
+        return user
 
 
 class TextImageToImage(ImageToImage):

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from tarkit.pretrained import PretrainedMixin
+from tarkit.prompts import Part, chat_example, image_span, user_prefix
 
 
 class VisionEncoder(PretrainedMixin, nn.Module, ABC):
@@ -214,20 +215,47 @@ SAMPLE_FIELDS = ("text", "answer", "input_image", "target_image")
 
 
 class TaskFormatter(ABC):
-    """Turns one sample (texts plus the TA-Tok codes of its images) into LM input ids and loss labels.
+    """One LM task: how a sample (texts plus the TA-Tok codes of its images) becomes a chat turn pair.
 
     Group ``tarkit.tasks``: the registered formatters are the set of tasks (built in: i2t, t2i, i2i, ti2i), so a
     plugin adds a task with no core edit. ``needs`` names the sample fields (of :data:`SAMPLE_FIELDS`) a sample
     of the task must have, which :func:`tarkit.data.make_sample` checks; ``default_ratio`` is the task's share in
-    the default task mix (0: only when a recipe's ``task_ratios`` asks for it). ``sample`` has ``text``,
-    ``answer``, ``input_codes`` and ``target_codes`` (``[n]`` code indices or None) and ``scale_index`` (the
-    ``k`` of ``<S{k}>``); ``vocab`` is the :class:`tarkit.vocab.ImageVocabulary` of the expanded tokenizer.
+    the default task mix (0: only when a recipe's ``task_ratios`` asks for it). ``output`` says what the
+    assistant turn is, and so what prediction generates after :meth:`prompt`: ``"text"`` (the sample's
+    ``answer``) or ``"image"`` (``<im_start><S{k}>`` + the target's image tokens + ``<im_end>``).
+
+    A task defines :meth:`user`; training (:meth:`format`) and prediction (:meth:`prompt`) both build on it.
+    ``sample`` has ``text``, ``answer``, ``input_codes`` and ``target_codes`` (``[n]`` code indices or None) and
+    ``scale_index`` (the ``k`` of ``<S{k}>``); ``vocab`` is the :class:`tarkit.vocab.ImageVocabulary` of the
+    expanded tokenizer.
     """
 
     name: str
     needs: frozenset[str] = frozenset()
     default_ratio: float = 0.0
+    output: str = "text"
 
     @abstractmethod
+    def user(self, sample: dict[str, Any], vocab: Any) -> list[Part]:
+        """The user turn: text and token ids (an input image as :func:`tarkit.prompts.image_ids`)."""
+
+    def assistant(self, sample: dict[str, Any], vocab: Any) -> list[Part]:
+        """The supervised assistant turn: the answer, or the target image's span (see ``output``)."""
+        if self.output == "image":
+            return [image_span(vocab, self.codes(sample, "target_codes"), sample["scale_index"])]
+        return [sample["answer"]]
+
     def format(self, sample: dict[str, Any], tokenizer: Any, vocab: Any) -> dict[str, torch.Tensor]:
         """``{"input_ids": [T], "labels": [T]}`` with labels ``-100`` outside the supervised assistant turn."""
+        return chat_example(tokenizer, self.user(sample, vocab), self.assistant(sample, vocab))
+
+    def prompt(self, sample: dict[str, Any], tokenizer: Any, vocab: Any) -> list[int]:
+        """The generation prompt: the conversation up to where the assistant's turn begins."""
+        return user_prefix(tokenizer, self.user(sample, vocab))
+
+    def codes(self, sample: dict[str, Any], key: str) -> torch.Tensor:
+        """``sample[key]`` (``input_codes`` / ``target_codes``); a clear error if the sample has none."""
+        codes = sample.get(key)
+        if codes is None:
+            raise ValueError(f"{self.name} sample has no {key}")
+        return codes

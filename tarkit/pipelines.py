@@ -265,7 +265,19 @@ class ImageToText(_TarPipeline):
             user_prefix(self.tokenizer, [image_ids(self.vocab, c), "\n" + q])
             for c, q in zip(codes, questions, strict=True)
         ]
-        ids, mask = left_pad(rows, self.tokenizer.pad_token_id)
+        return self.answer_prompts(rows, max_new_tokens, temperature, generator)
+
+    @torch.no_grad()
+    def answer_prompts(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> list[str]:
+        """The text answer to each prompt given as token ids up to the assistant turn (e.g. a task's ``prompt``);
+        image tokens are never emitted."""
+        ids, mask = left_pad(prompts, self.tokenizer.pad_token_id)
         eos = [self.tokenizer.convert_tokens_to_ids("<|im_end|>"), self.tokenizer.eos_token_id]
         new = generate_text(
             self.lm,
@@ -340,9 +352,18 @@ class TextToImage(_TarPipeline):
     @torch.no_grad()
     def generate_codes(self, prompts: list[str], generator: torch.Generator | None = None) -> torch.Tensor:
         """Codes ``[B, n]`` for each prompt, exactly ``n`` per image at the pipeline's scale."""
+        rows = [user_prefix(self.tokenizer, [p]) for p in check_prompts(prompts)]
+        return self.codes_for_prompts(rows, [user_prefix(self.tokenizer, [""])], generator)  # one uncond row serves all
+
+    @torch.no_grad()
+    def codes_for_prompts(
+        self, prompts: list[list[int]], uncond_prompts: list[list[int]], generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Codes ``[B, n]`` for prompts given as token ids up to the assistant turn (e.g. a task's ``prompt``);
+        ``uncond_prompts`` (one row, or one per prompt) are what guidance contrasts with."""
         pad = self.tokenizer.pad_token_id
-        ids, mask = left_pad([user_prefix(self.tokenizer, [p]) for p in check_prompts(prompts)], pad)
-        uncond_ids, uncond_mask = left_pad([user_prefix(self.tokenizer, [""])], pad)  # one row serves every prompt
+        ids, mask = left_pad(prompts, pad)
+        uncond_ids, uncond_mask = left_pad(uncond_prompts, pad)
         return generate_image_codes(
             self.lm,
             self.vocab,

@@ -1,5 +1,6 @@
-"""``prompts`` datamodule: benchmark inputs for ``tarkit predict`` — GenEval prompt files (T2I), POPE-style
-question files (I2T), read in their own formats, and folders of images (reconstruction)."""
+"""``prompts`` datamodule: inputs for ``tarkit predict`` — GenEval prompt files (T2I), POPE-style question files
+(I2T), read in their own formats, rows of any task (``{"task", "text", "id"?, "image"?}``), and folders of
+images (reconstruction)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 class PromptDataset(Dataset):
-    """Rows of a GenEval prompt file (``kind`` t2i), a POPE question file (``kind`` i2t) or the images of a
-    folder (``kind`` image, ``id`` the file's stem)."""
+    """Rows of a GenEval prompt file (``kind`` t2i), a POPE question file (``kind`` i2t), a task file (``kind``
+    each row's ``task``) or the images of a folder (``kind`` image, ``id`` the file's stem). ``has_image`` says
+    whether ``image`` is a real image (else zeros)."""
 
     def __init__(self, path: str, image_size: int, image_root: str | None = None):
         self.image_size = image_size
@@ -32,8 +34,10 @@ class PromptDataset(Dataset):
         rows = read_jsonl(path)
         if not rows:
             raise DataFormatError(f"{path}: no rows")
-        self.kind = "t2i" if "tag" in rows[0] else "i2t"
-        if self.kind == "t2i":
+        self.kind = "task" if "task" in rows[0] else "t2i" if "tag" in rows[0] else "i2t"
+        if self.kind == "task":
+            self.rows = read_jsonl(path, required=("task", "text"))
+        elif self.kind == "t2i":
             self.rows = read_geneval_prompts(path)
         else:
             self.rows = read_jsonl(path, required=("question_id", "image", "text"))
@@ -45,26 +49,41 @@ class PromptDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self.rows[index]
         if self.kind == "t2i":
-            image = torch.zeros(3, self.image_size, self.image_size)
-            return {"kind": "t2i", "id": str(index), "text": row["prompt"], "image": image, "record": json.dumps(row)}
-        what = f"question {row['question_id']!r}" if self.kind == "i2t" else str(self.root)
-        try:
-            image = image_to_tensor(load_image(self.root / row["image"]), self.image_size)
-        except (OSError, ValueError) as err:
-            raise DataFormatError(f"{what}: cannot read image {row['image']}: {err}") from err
+            return self._item("t2i", str(index), row["prompt"], None, row)
+        if self.kind == "task":
+            return self._item(row["task"], str(row.get("id", index)), row["text"], row.get("image"), row)
         if self.kind == "image":
-            return {"kind": "image", "id": Path(row["image"]).stem, "text": "", "image": image, "record": "{}"}
-        return {"kind": "i2t", "id": str(row["question_id"]), "text": row["text"], "image": image, "record": "{}"}
+            return self._item("image", Path(row["image"]).stem, "", row["image"], {})
+        return self._item("i2t", str(row["question_id"]), row["text"], row["image"], {})
+
+    def _item(self, kind: str, id: str, text: str, image: str | None, record: dict[str, Any]) -> dict[str, Any]:
+        if image is None:
+            pixels = torch.zeros(3, self.image_size, self.image_size)
+        else:
+            what = str(self.root) if self.kind == "image" else f"{kind} row {id!r}"
+            try:
+                pixels = image_to_tensor(load_image(self.root / image), self.image_size)
+            except (OSError, ValueError) as err:
+                raise DataFormatError(f"{what}: cannot read image {image}: {err}") from err
+        return {
+            "kind": kind,
+            "id": id,
+            "text": text,
+            "image": pixels,
+            "has_image": image is not None,
+            "record": json.dumps(record),
+        }
 
 
 class PromptsDataModule(LightningDataModule):
-    """Prediction inputs: a GenEval ``evaluation_metadata.jsonl``-style file, POPE-style questions, or a folder
-    of images (to reconstruct through a de-tokenizer).
+    """Prediction inputs: a GenEval ``evaluation_metadata.jsonl``-style file, POPE-style questions, rows of any
+    registered task, or a folder of images (to reconstruct through a de-tokenizer).
 
     Args:
         path: the JSONL file (GenEval rows have ``tag``/``include``/``prompt``; questions have
-            ``question_id``/``image``/``text``), or a folder of images.
-        image_root: folder question images are relative to (default: the file's folder).
+            ``question_id``/``image``/``text``; task rows have ``task``/``text`` and optionally ``id`` and
+            ``image``), or a folder of images.
+        image_root: folder the rows' images are relative to (default: the file's folder).
         image_size: side images are resized to.
         batch_size: prompts per batch.
     """

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,14 +13,15 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from tarkit.data import write_jsonl
 from tarkit.interfaces import LanguageModel
+from tarkit.pipelines import ImageToText, TextToImage
 from tarkit.prompts import IGNORE_INDEX, pad_examples
 from tarkit.registry import registry
 from tarkit.settings import GenerationDefaults, TarSettings, default_scale, tatok_record, write_settings
 from tarkit.tatok import TATok
 from tarkit.training import TarkitModule
 from tarkit.vocab import ImageVocabulary
+from tarkit_plugins.lm.prediction import TaskPredictor
 
 LOSS_WEIGHTINGS = ("token", "sample")
 IMAGE_LOSSES = ("image_rows", "full_vocab")
@@ -255,42 +255,24 @@ class UnifiedLMModule(TarkitModule):
         self.shared_step(batch, self.tatok.pool_scales[0], "val")
 
     def on_predict_epoch_start(self) -> None:
-        from tarkit.pipelines import ImageToText, TextToImage
-
         hp = self.hparams
-        self._i2t = ImageToText(self.lm, self.tatok, hp.predict_scale)
-        self._t2i = TextToImage(
-            self.lm, self.tatok, hp.detokenizer, hp.predict_scale, hp.cfg_scale, detok_cfg_scale=hp.detok_cfg_scale
+        self._predictor = TaskPredictor(
+            ImageToText(self.lm, self.tatok, hp.predict_scale),
+            TextToImage(
+                self.lm, self.tatok, hp.detokenizer, hp.predict_scale, hp.cfg_scale, detok_cfg_scale=hp.detok_cfg_scale
+            ),
+            self.formatters,
+            hp.predict_dir,
+            hp.images_per_prompt,
+            torch.Generator().manual_seed(hp.seed),
         )
-        self._answers: list[dict[str, str]] = []
-        self._generator = torch.Generator().manual_seed(hp.seed)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Answers questions (``kind`` i2t) or generates images for prompts (``kind`` t2i)."""
-        from tarkit.evaluation import write_geneval_sample
-
-        out = Path(self.hparams.predict_dir)
-        for kind in sorted(set(batch["kind"])):
-            rows = [i for i, k in enumerate(batch["kind"]) if k == kind]
-            texts = [batch["text"][i] for i in rows]
-            if kind == "i2t":
-                answers = self._i2t.generate_batch(batch["image"][rows], texts)
-                self._answers += [
-                    {"question_id": batch["id"][i], "text": a} for i, a in zip(rows, answers, strict=True)
-                ]
-                continue
-            per_prompt = self.hparams.images_per_prompt
-            codes = self._t2i.generate_codes([t for t in texts for _ in range(per_prompt)], self._generator)
-            drawn = self._t2i.decode(codes, self._generator) if self._t2i.autoencoder is not None else []
-            for j, i in enumerate(rows):
-                images = drawn[j * per_prompt : (j + 1) * per_prompt]
-                folder = write_geneval_sample(out, int(batch["id"][i]), json.loads(batch["record"][i]), images)
-                prompt_codes = codes[j * per_prompt : (j + 1) * per_prompt].tolist()
-                (folder / "codes.json").write_text(json.dumps({"scale": self._t2i.scale, "codes": prompt_codes}) + "\n")
+        """Each row to its task (``kind``): answers for text-output tasks, images for image-output ones."""
+        self._predictor.predict(batch)
 
     def on_predict_epoch_end(self) -> None:
-        if self._answers:
-            write_jsonl(Path(self.hparams.predict_dir) / "answers.jsonl", self._answers)
+        self._predictor.finish()
 
     def on_train_epoch_end(self) -> None:
         self.cache.save()

@@ -9,7 +9,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tarkit.data import make_sample
 from tarkit.interfaces import CodebookProjection, TaskFormatter
-from tarkit.prompts import chat_example
 
 
 class ExampleRegressor(LightningModule):
@@ -58,8 +57,8 @@ class TextToText(TaskFormatter):
     name = "t2t"
     needs = frozenset({"text", "answer"})
 
-    def format(self, sample, tokenizer, vocab):
-        return chat_example(tokenizer, [sample["text"]], [sample["answer"]])
+    def user(self, sample, vocab):
+        return [sample["text"]]
 
 
 class ExampleQAData(LightningDataModule):

@@ -1,5 +1,6 @@
 """The unified LM trains under `tarkit fit`, exports a Tar HF folder, and the pipelines run on it."""
 
+import json
 import os
 from pathlib import Path
 
@@ -84,6 +85,44 @@ def test_a_task_another_plugin_registers_trains_with_no_core_edit(tatok_dir, tmp
     logged = (tmp_path / "run" / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert "train/loss_t2t" in logged and "train/acc_t2t" in logged
     assert (out / "config.json").is_file()
+    # ... and predicts: its rows go to its formatter's prompt, its text output to answers.jsonl
+    rows = tmp_path / "t2t.jsonl"
+    rows.write_text('{"task": "t2t", "id": "q1", "text": "What is 2 plus 2?"}\n{"task": "t2t", "text": "Hi?"}\n')
+    main(["predict", "--config", str(ROOT / "recipes/tiny/lm.yaml"), f"--model.init_args.tatok={tatok_dir}",
+          f"--model.init_args.lm.init_args.pretrained={out}", f"--model.init_args.predict_dir={tmp_path / 'pred'}",
+          f"--trainer.default_root_dir={tmp_path / 'run'}", "--data=prompts", f"--data.init_args.path={rows}"])
+    answers = [json.loads(line) for line in (tmp_path / "pred" / "answers.jsonl").read_text().splitlines()]
+    assert [(a["question_id"], a["task"]) for a in answers] == [("q1", "t2t"), ("1", "t2t")]
+    assert all(isinstance(a["text"], str) for a in answers)
+
+
+def test_predict_dispatches_each_row_to_its_task(tar_dir, tatok_dir, tmp_path):
+    """An image-output task with an input image (ti2i, editing) and an i2t row in one file; a task's missing
+    input image and an unknown task are named in one-line errors."""
+    renders = tmp_path / "renders"
+    main(["shapesworld", "render", "--num", "1", "--out", str(renders)])
+    image = sorted((renders / "00000" / "samples").glob("*.png"))[0].relative_to(tmp_path)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(
+        json.dumps({"task": "ti2i", "id": "edit", "text": "make it red", "image": str(image)}) + "\n"
+        + json.dumps({"task": "i2t", "id": "ask", "text": "Describe the image.", "image": str(image)}) + "\n"
+    )
+    common = ["predict", "--config", str(ROOT / "recipes/tiny/lm.yaml"), f"--model.init_args.tatok={tatok_dir}",
+              f"--model.init_args.lm.init_args.pretrained={tar_dir}", "--model.init_args.predict_scale=3",
+              f"--trainer.default_root_dir={tmp_path / 'run'}", "--data=prompts"]
+    main([*common, f"--data.init_args.path={rows}", f"--model.init_args.predict_dir={tmp_path / 'out'}"])
+    codes = json.loads((tmp_path / "out" / "ti2i" / "edit_codes.json").read_text())
+    assert codes["scale"] == 3 and [len(c) for c in codes["codes"]] == [16]
+    answers = [json.loads(line) for line in (tmp_path / "out" / "answers.jsonl").read_text().splitlines()]
+    assert [(a["question_id"], a["task"]) for a in answers] == [("ask", "i2t")]
+
+    for row, message in (
+        ({"task": "ti2i", "id": "x", "text": "make it red"}, "task ti2i needs an input image; rows \\['x'\\]"),
+        ({"task": "caption3d", "text": "?"}, "no task formatter for 'caption3d'; installed tasks: i2i, i2t, t2i"),
+    ):
+        rows.write_text(json.dumps(row) + "\n")
+        with pytest.raises(ValueError, match=message):
+            main([*common, f"--data.init_args.path={rows}", f"--model.init_args.predict_dir={tmp_path / 'bad'}"])
 
 
 def test_task_formatters_supervise_only_the_assistant_turn():
@@ -101,8 +140,6 @@ def test_task_formatters_supervise_only_the_assistant_turn():
 
 
 def test_predict_answers_questions_and_writes_geneval_layout(tar_dir, tatok_dir, tmp_path):
-    import json
-
     renders = tmp_path / "renders"
     main(["shapesworld", "render", "--num", "3", "--out", str(renders)])
     main(["shapesworld", "prompts", "--num", "2", "--out", str(tmp_path / "prompts.jsonl")])
