@@ -1,5 +1,5 @@
-"""Inference pipelines with the reference's shapes: ``ImageToText.generate(image, prompt)`` and
-``TextToImage.generate_image(prompt)``, built from any registered LM and a TA-Tok.
+"""Inference pipelines with the reference's shapes: ``ImageToTextPipeline.generate(image, prompt)`` and
+``TextToImagePipeline.generate_image(prompt)``, built from any registered LM and a TA-Tok.
 
 Both take the parts directly or load them from folders: a Tar LM folder (a Hugging Face causal LM whose
 tokenizer has the image words), a TA-Tok folder or reference ``ta_tok.pth``, and for T2I a de-tokenizer folder.
@@ -12,8 +12,8 @@ left out when the folder names a TA-Tok that exists. A scale the LM never saw in
 :class:`UnseenScaleWarning`.
 
 Images may be paths, PIL images, numpy arrays, tensors or lists of these (:func:`tarkit.data.images_to_batch`).
-Prompts are strings. An empty question to :class:`ImageToText` asks for a caption ("Describe the image.", the
-question the datamodules give caption records); an empty prompt to :class:`TextToImage` is the unconditional
+Prompts are strings. An empty question to :class:`ImageToTextPipeline` asks for a caption ("Describe the image.", the
+question the datamodules give caption records); an empty prompt to :class:`TextToImagePipeline` is the unconditional
 prompt classifier-free guidance contrasts with, so it draws an unconditional sample.
 """
 
@@ -230,7 +230,7 @@ class _TarPipeline:
         return images_to_batch(images, self.tatok.encoder.image_size).to(device)
 
 
-class ImageToText(_TarPipeline):
+class ImageToTextPipeline(_TarPipeline):
     """Understanding: image + question -> answer text.
 
     Args:
@@ -242,7 +242,7 @@ class ImageToText(_TarPipeline):
     """
 
     @classmethod
-    def from_pretrained(cls, bundle: PathLike, **overrides: Any) -> ImageToText:
+    def from_pretrained(cls, bundle: PathLike, **overrides: Any) -> ImageToTextPipeline:
         """Load from a bundle folder holding ``lm/`` and ``tatok/``; keyword arguments override (e.g. ``scale``)."""
         return cls._from_bundle(bundle, detokenizer=False, overrides=overrides)
 
@@ -299,7 +299,7 @@ class ImageToText(_TarPipeline):
         return self.generate_batch(pixels, [check_prompt(prompt)], **kwargs)[0]
 
 
-class TextToImage(_TarPipeline):
+class TextToImagePipeline(_TarPipeline):
     """Generation: prompt -> TA-Tok codes at the pipeline's scale -> the de-tokenizer's image.
 
     ``scale``, ``cfg_scale``, ``temperature``, ``top_k`` and ``top_p`` left ``None`` take the LM folder's
@@ -344,7 +344,7 @@ class TextToImage(_TarPipeline):
         )
 
     @classmethod
-    def from_pretrained(cls, bundle: PathLike, **overrides: Any) -> TextToImage:
+    def from_pretrained(cls, bundle: PathLike, **overrides: Any) -> TextToImagePipeline:
         """Load from a bundle folder holding ``lm/``, ``tatok/`` and one de-tokenizer folder (any sub-folder whose
         ``config.json`` names a de-tokenizer); keyword arguments override (``detokenizer=None``: codes only)."""
         return cls._from_bundle(bundle, detokenizer=True, overrides=overrides)
@@ -395,7 +395,7 @@ class TextToImage(_TarPipeline):
     def _check_detokenizer(self) -> MMAutoEncoder:
         if self.autoencoder is None:
             raise ValueError(
-                "TextToImage has no de-tokenizer; pass detokenizer=<folder or part> to draw images "
+                "TextToImagePipeline has no de-tokenizer; pass detokenizer=<folder or part> to draw images "
                 "(generate_codes works without one)"
             )
         return self.autoencoder

@@ -12,7 +12,7 @@ from PIL import Image
 
 import tarkit.pipelines as pipelines
 from tarkit.data import IMAGE_INPUTS, images_to_batch
-from tarkit.pipelines import ImageToText, TextToImage, UnseenScaleWarning, recorded_tatok
+from tarkit.pipelines import ImageToTextPipeline, TextToImagePipeline, UnseenScaleWarning, recorded_tatok
 from tarkit.settings import GenerationDefaults, TarSettings, TATokRecord, read_settings, tatok_record, write_settings
 from tarkit.tatok import TATok
 from tarkit_plugins.codebooks import LearnedCodebook
@@ -68,7 +68,7 @@ def bundle(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def i2t(bundle):
-    return ImageToText(bundle / "lm")
+    return ImageToTextPipeline(bundle / "lm")
 
 
 # --- every accepted image input ---------------------------------------------------------------------------------
@@ -176,7 +176,7 @@ def test_prompts_must_be_strings(i2t, bundle):
         i2t.generate_batch([image], "What is it?")
     with pytest.raises(TypeError, match=r"prompts\[1\] must be a string, got int"):
         i2t.generate_batch([image, image], ["ok", 3])
-    t2i = TextToImage(bundle / "lm")
+    t2i = TextToImagePipeline(bundle / "lm")
     with pytest.raises(ValueError, match="prompts is empty"):
         t2i.generate_codes([])
     with pytest.raises(TypeError, match="prompt must be a string"):
@@ -198,8 +198,8 @@ def test_an_empty_question_asks_for_a_caption(i2t, monkeypatch):
 
 def test_an_empty_prompt_is_the_unconditional_sample(bundle):
     """Guidance contrasts a prompt with the empty one, so for "" it changes nothing (greedy codes compared)."""
-    unguided = TextToImage(bundle / "lm", cfg_scale=1.0, temperature=0)
-    guided = TextToImage(unguided.lm, unguided.tatok, cfg_scale=5.0, temperature=0)
+    unguided = TextToImagePipeline(bundle / "lm", cfg_scale=1.0, temperature=0)
+    guided = TextToImagePipeline(unguided.lm, unguided.tatok, cfg_scale=5.0, temperature=0)
     assert torch.equal(guided.generate_codes([""]), unguided.generate_codes([""]))
     assert not torch.equal(guided.generate_codes(["a red circle"]), unguided.generate_codes(["a red circle"]))
 
@@ -210,37 +210,39 @@ def test_an_empty_prompt_is_the_unconditional_sample(bundle):
 def test_defaults_come_from_the_lm_folder_record(bundle):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the recorded scale is a trained one: no warning
-        t2i = TextToImage(bundle / "lm")  # no tatok: the record names it
+        t2i = TextToImagePipeline(bundle / "lm")  # no tatok: the record names it
     assert t2i.scale == 2 and (t2i.cfg_scale, t2i.temperature, t2i.top_k, t2i.top_p) == (3.0, 0.5, 7, 0.9)
     assert t2i.tatok.num_codes == 32 and t2i.generate_codes(["a red circle"]).shape == (1, 36)
-    i2t = ImageToText(str(bundle / "lm"))
+    i2t = ImageToTextPipeline(str(bundle / "lm"))
     assert i2t.scale == 2
 
 
 def test_arguments_override_the_record(bundle):
-    t2i = TextToImage(bundle / "lm", bundle / "tatok", scale=2, cfg_scale=1.5, temperature=1.0, top_k=0, top_p=1.0)
+    t2i = TextToImagePipeline(
+        bundle / "lm", bundle / "tatok", scale=2, cfg_scale=1.5, temperature=1.0, top_k=0, top_p=1.0
+    )
     assert (t2i.scale, t2i.cfg_scale, t2i.temperature, t2i.top_k, t2i.top_p) == (2, 1.5, 1.0, None, 1.0)
 
 
 def test_without_a_record_the_reference_defaults_hold_and_tatok_is_needed(bundle):
-    t2i = TextToImage(bundle / "plain_lm", bundle / "tatok")
+    t2i = TextToImagePipeline(bundle / "plain_lm", bundle / "tatok")
     assert (t2i.scale, t2i.cfg_scale, t2i.temperature, t2i.top_k, t2i.top_p) == (1, 1.0, 1.0, 1200, 0.95)
     with pytest.raises(ValueError, match="no tatok given and the LM records no TA-Tok; pass tatok=") as info:
-        ImageToText(bundle / "plain_lm")
+        ImageToTextPipeline(bundle / "plain_lm")
     one_line(info)
 
 
 def test_a_loaded_lm_carries_its_record(bundle):
     lm = HFCausalLM.from_pretrained(bundle / "lm")  # transformers reads generation_config.json into the model
-    assert ImageToText(lm).scale == 2
+    assert ImageToTextPipeline(lm).scale == 2
 
 
 def test_a_scale_never_trained_on_warns_at_the_callers_line(bundle):
     with pytest.warns(UnseenScaleWarning, match=r"scale 1 was never used in training this LM \(train_scales \[2\]\)"):
-        i2t = ImageToText(bundle / "lm", scale=1)
+        i2t = ImageToTextPipeline(bundle / "lm", scale=1)
     assert i2t.scale == 1
     with pytest.warns(UnseenScaleWarning) as caught:
-        TextToImage(bundle / "lm", scale=3)
+        TextToImagePipeline(bundle / "lm", scale=3)
     assert caught[0].filename == __file__
 
 
@@ -249,7 +251,7 @@ def test_a_tatok_with_other_pool_scales_is_refused(bundle):
     other = TATok(SigLIP2Encoder("tiny"), LearnedCodebook(num_codes=32, dim=16), SimVQ(), pool_scales=[1, 2],
                   decoder_depth=1, decoder_config=DECODER)
     with pytest.raises(ValueError, match=r"pool scales \[1, 2, 3\].*but this one has \[1, 2\]"):
-        ImageToText(bundle / "lm", other)
+        ImageToTextPipeline(bundle / "lm", other)
 
 
 def test_the_recorded_tatok_is_found_beside_a_moved_lm(bundle, tmp_path):
@@ -268,48 +270,48 @@ def test_the_recorded_tatok_is_found_beside_a_moved_lm(bundle, tmp_path):
 
 
 def test_a_bundle_loads_with_one_path(bundle):
-    t2i = TextToImage.from_pretrained(bundle)
+    t2i = TextToImagePipeline.from_pretrained(bundle)
     assert t2i.scale == 2 and t2i.autoencoder is not None
     assert isinstance(t2i.autoencoder.detokenizer, AutoregressiveDeTokenizer)  # not pixel_vq/, which is no de-tokenizer
     image = t2i.generate_image("a red circle", generator=torch.Generator().manual_seed(0))
     assert image.size == (16, 16) and image.mode == "RGB"
-    assert ImageToText.from_pretrained(str(bundle)).generate(picture(), "What?", max_new_tokens=2) is not None
+    assert ImageToTextPipeline.from_pretrained(str(bundle)).generate(picture(), "What?", max_new_tokens=2) is not None
 
 
 def test_bundle_keywords_override(bundle):
     with pytest.warns(UnseenScaleWarning):
-        t2i = TextToImage.from_pretrained(bundle, scale=3, detokenizer=None, cfg_scale=2.0)
+        t2i = TextToImagePipeline.from_pretrained(bundle, scale=3, detokenizer=None, cfg_scale=2.0)
     assert (t2i.scale, t2i.cfg_scale, t2i.autoencoder) == (3, 2.0, None)
-    assert ImageToText.from_pretrained(bundle, lm=bundle / "plain_lm").scale == 1
+    assert ImageToTextPipeline.from_pretrained(bundle, lm=bundle / "plain_lm").scale == 1
 
 
 def test_a_bundle_without_tatok_uses_the_one_the_lm_records(bundle, tmp_path):
     shutil.copytree(bundle / "lm", tmp_path / "lm")  # ../tatok is not there: the path as given is
-    i2t = ImageToText.from_pretrained(tmp_path)
+    i2t = ImageToTextPipeline.from_pretrained(tmp_path)
     assert i2t.scale == 2 and i2t.tatok.num_codes == 32
 
 
 def test_missing_bundle_parts_say_which_and_how_to_make_them(bundle, tmp_path):
     with pytest.raises(FileNotFoundError, match=f"no lm/ in {tmp_path}; train it with recipes/tiny/lm.yaml") as info:
-        ImageToText.from_pretrained(tmp_path)
+        ImageToTextPipeline.from_pretrained(tmp_path)
     one_line(info)
     shutil.copytree(bundle / "plain_lm", tmp_path / "lm")
     with pytest.raises(FileNotFoundError, match="no tatok/ in .*; train it with recipes/tiny/tatok.yaml"):
-        ImageToText.from_pretrained(tmp_path)
+        ImageToTextPipeline.from_pretrained(tmp_path)
     shutil.copytree(bundle / "tatok", tmp_path / "tatok")
     with pytest.raises(FileNotFoundError, match="no de-tokenizer in .*recipes/tiny/ar_detok.yaml") as info:
-        TextToImage.from_pretrained(tmp_path)
+        TextToImagePipeline.from_pretrained(tmp_path)
     one_line(info)
     for name in ("ar_one", "ar_two"):
         shutil.copytree(bundle / "ar_detok", tmp_path / name)
     with pytest.raises(ValueError, match=r"several de-tokenizers \(ar_one/, ar_two/\); choose one with detokenizer="):
-        TextToImage.from_pretrained(tmp_path)
+        TextToImagePipeline.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="is not a folder"):
-        TextToImage.from_pretrained(tmp_path / "nowhere")
+        TextToImagePipeline.from_pretrained(tmp_path / "nowhere")
 
 
 def test_images_without_a_detokenizer_fail_before_sampling(bundle, monkeypatch):
-    t2i = TextToImage(bundle / "lm")
+    t2i = TextToImagePipeline(bundle / "lm")
     monkeypatch.setattr(t2i, "generate_codes", lambda *a, **k: pytest.fail("sampled codes it could not draw"))
     with pytest.raises(ValueError, match="has no de-tokenizer; pass detokenizer=") as info:
         t2i.generate_image("a red circle")

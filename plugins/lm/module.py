@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tarkit.interfaces import LanguageModel
-from tarkit.pipelines import ImageToText, TextToImage
+from tarkit.pipelines import ImageToTextPipeline, TextToImagePipeline
 from tarkit.prompts import IGNORE_INDEX, pad_examples
 from tarkit.registry import registry
 from tarkit.settings import GenerationDefaults, TarSettings, default_scale, tatok_record, write_settings
@@ -257,8 +257,8 @@ class UnifiedLMModule(TarkitModule):
     def on_predict_epoch_start(self) -> None:
         hp = self.hparams
         self._predictor = TaskPredictor(
-            ImageToText(self.lm, self.tatok, hp.predict_scale),
-            TextToImage(
+            ImageToTextPipeline(self.lm, self.tatok, hp.predict_scale),
+            TextToImagePipeline(
                 self.lm, self.tatok, hp.detokenizer, hp.predict_scale, hp.cfg_scale, detok_cfg_scale=hp.detok_cfg_scale
             ),
             self.formatters,

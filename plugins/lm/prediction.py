@@ -18,7 +18,7 @@ import torch
 from tarkit.data import write_jsonl
 from tarkit.evaluation import write_geneval_sample
 from tarkit.interfaces import TaskFormatter
-from tarkit.pipelines import ImageToText, TextToImage
+from tarkit.pipelines import ImageToTextPipeline, TextToImagePipeline
 
 
 class TaskPredictor:
@@ -35,8 +35,8 @@ class TaskPredictor:
 
     def __init__(
         self,
-        answerer: ImageToText,
-        drawer: TextToImage,
+        answerer: ImageToTextPipeline,
+        drawer: TextToImagePipeline,
         formatters: dict[str, TaskFormatter],
         out: str | Path,
         images_per_prompt: int,

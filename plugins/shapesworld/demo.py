@@ -8,7 +8,7 @@ inputs and outputs as ``root:`` paths, so with ``<out>`` as the root each stage 
 ``<out>/checkpoints/<stage>`` (its logs under ``<out>/runs/<stage>``) and reads the earlier stages from
 there, exactly as ``tarkit fit`` does on its own under ``outputs/tiny``. A stage whose folder exists is
 reused (``--force`` retrains), so an interrupted demo resumes where it stopped; ``<out>/checkpoints`` is a
-Tar bundle (``TextToImage.from_pretrained``). ``--quick`` shrinks every budget for a smoke test. Writes
+Tar bundle (``TextToImagePipeline.from_pretrained``). ``--quick`` shrinks every budget for a smoke test. Writes
 ``report.md``, ``metrics.json`` and ``samples.png`` to ``<out>``.
 """
 
@@ -30,7 +30,7 @@ from tarkit.ablate import last_logged
 from tarkit.cli import main as tarkit_main
 from tarkit.commands import CommandError
 from tarkit.data import tensor_to_image
-from tarkit.pipelines import ImageToText, TextToImage
+from tarkit.pipelines import ImageToTextPipeline, TextToImagePipeline
 from tarkit.settings import record_generation_defaults
 from tarkit_plugins.detok.pixel_vq import PixelVQ
 from tarkit_plugins.shapesworld.curves import newest_log, plot_stage
@@ -161,7 +161,7 @@ def evaluation_samplers(seed: int) -> dict[str, SceneSampler]:
 
 
 def evaluate_split(
-    t2i: TextToImage, i2t: ImageToText, sampler: SceneSampler, args: argparse.Namespace
+    t2i: TextToImagePipeline, i2t: ImageToTextPipeline, sampler: SceneSampler, args: argparse.Namespace
 ) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
     examples = [sampler.example(i) for i in range(max(args.prompts, args.images))]
     rows, samples = evaluate_t2i(t2i, examples[: args.prompts], args.batch_size, args.seed)
@@ -170,7 +170,7 @@ def evaluate_split(
 
 
 def measure_ladder(
-    checkpoints: Path, t2i: TextToImage, test: SceneSampler, results: dict[str, Any], args: argparse.Namespace
+    checkpoints: Path, t2i: TextToImagePipeline, test: SceneSampler, results: dict[str, Any], args: argparse.Namespace
 ) -> list[Rung]:
     """Every rung of the ladder on the test split's scenes (see :mod:`~tarkit_plugins.shapesworld.ladder`)."""
     count = max(args.prompts, args.images, args.probe_scenes)
@@ -233,10 +233,10 @@ def save_comparison_grid_image(originals: torch.Tensor, vq: torch.Tensor, round_
 def evaluate(out: Path, args: argparse.Namespace) -> tuple[dict[str, Any], list[Rung], dict[str, str]]:
     checkpoints = out / "checkpoints"
     torch.manual_seed(args.seed)
-    t2i = TextToImage.from_pretrained(
+    t2i = TextToImagePipeline.from_pretrained(
         checkpoints, scale=args.scale, cfg_scale=args.cfg_scale, candidates=args.candidates
     )
-    i2t = ImageToText(t2i.lm, t2i.tatok, scale=args.scale)
+    i2t = ImageToTextPipeline(t2i.lm, t2i.tatok, scale=args.scale)
     samplers = evaluation_samplers(args.seed)
     splits, samples = {}, {}
     for name, sampler in samplers.items():

@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from tarkit.evaluation import geneval_scores, pope_metrics
-from tarkit.pipelines import ImageToText, TextToImage
+from tarkit.pipelines import ImageToTextPipeline, TextToImagePipeline
 from tarkit_plugins.shapesworld.ladder import Rung, geneval_stderr, lowest_failed, proportion_stderr
 from tarkit_plugins.shapesworld.oracle import score_image
 from tarkit_plugins.shapesworld.world import COLORS, SHAPES, Example, SceneSampler, render
@@ -43,7 +43,7 @@ def batches(items: list[Any], size: int) -> list[list[Any]]:
 
 
 def evaluate_t2i(
-    t2i: TextToImage, examples: list[Example], batch_size: int, seed: int
+    t2i: TextToImagePipeline, examples: list[Example], batch_size: int, seed: int
 ) -> tuple[dict[str, list[dict[str, Any]]], list[tuple[str, Image.Image]]]:
     """GenEval-style results rows of the first candidate (plain sampling) and of the self-reflected best, and
     ``(prompt, image)`` samples (the self-reflected ones when there are candidates)."""
@@ -83,7 +83,7 @@ def pope_items(sampler: SceneSampler, examples: list[Example]) -> list[tuple[int
 
 
 def evaluate_i2t(
-    i2t: ImageToText, sampler: SceneSampler, examples: list[Example], batch_size: int
+    i2t: ImageToTextPipeline, sampler: SceneSampler, examples: list[Example], batch_size: int
 ) -> tuple[dict[str, float], dict[str, float]]:
     """POPE-style metrics (with the accuracy's standard error) and caption attribute scores."""
     images = [render(e.scene) for e in examples]

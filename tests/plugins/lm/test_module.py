@@ -9,7 +9,7 @@ import torch
 from transformers import AutoTokenizer, GenerationConfig, Qwen2ForCausalLM
 
 from tarkit.cli import main
-from tarkit.pipelines import ImageToText, TextToImage
+from tarkit.pipelines import ImageToTextPipeline, TextToImagePipeline
 from tarkit.prompts import IGNORE_INDEX
 from tarkit.settings import GenerationDefaults, TarSettings, TATokRecord, read_settings
 from tarkit.tatok import TATok
@@ -60,11 +60,11 @@ def test_the_exported_folder_records_its_training(tar_dir, tatok_dir):
 
 
 def test_pipelines_run_on_the_exported_folder_with_its_defaults(tar_dir, tatok_dir):
-    t2i = TextToImage(str(tar_dir), cfg_scale=3.0)  # the TA-Tok and the scale come from the folder's record
+    t2i = TextToImagePipeline(str(tar_dir), cfg_scale=3.0)  # the TA-Tok and the scale come from the folder's record
     assert t2i.scale == 2 and t2i.tatok.num_codes == 32
     codes = t2i.generate_codes(["a photo of a red circle"], generator=torch.Generator().manual_seed(0))[0]
     assert codes.shape == (36,) and 0 <= codes.min() and codes.max() < 32
-    i2t = ImageToText(str(tar_dir), str(tatok_dir))
+    i2t = ImageToTextPipeline(str(tar_dir), str(tatok_dir))
     answer = i2t.generate(torch.rand(3, 64, 64), "Is there a red circle in the image?", max_new_tokens=5)
     assert isinstance(answer, str)
 
@@ -72,7 +72,7 @@ def test_pipelines_run_on_the_exported_folder_with_its_defaults(tar_dir, tatok_d
 def test_a_folder_without_image_tokens_is_a_clear_error(tmp_path, tatok_dir):
     HFCausalLM(preset="tiny", tokenizer="bytes").save_pretrained(tmp_path / "plain")
     with pytest.raises(VocabularyError, match="has no <im_start>"):
-        ImageToText(str(tmp_path / "plain"), str(tatok_dir))
+        ImageToTextPipeline(str(tmp_path / "plain"), str(tatok_dir))
 
 
 def test_a_task_another_plugin_registers_trains_with_no_core_edit(tatok_dir, tmp_path):

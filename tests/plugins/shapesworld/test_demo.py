@@ -80,13 +80,13 @@ def test_a_stage_trained_with_another_budget_is_neither_reused_nor_overwritten(t
 
 @pytest.mark.slow
 def test_the_demo_bundle_loads_with_one_path_at_its_training_scale(quick_demo):
-    from tarkit.pipelines import ImageToText, TextToImage
+    from tarkit.pipelines import ImageToTextPipeline, TextToImagePipeline
     from tarkit.settings import read_settings
 
     settings = read_settings(quick_demo / "checkpoints" / "lm")
     assert settings.train_scales == [2] and settings.generation.scale == 2 and settings.generation.cfg_scale == 3.0
-    i2t = ImageToText.from_pretrained(quick_demo / "checkpoints")
-    t2i = TextToImage.from_pretrained(quick_demo / "checkpoints")
+    i2t = ImageToTextPipeline.from_pretrained(quick_demo / "checkpoints")
+    t2i = TextToImagePipeline.from_pretrained(quick_demo / "checkpoints")
     assert i2t.scale == t2i.scale == 2 and t2i.cfg_scale == 3.0
     assert t2i.generate_codes(["a photo of a red circle"]).shape == (1, 36)  # 6 x 6: scale 2 of the 12 x 12 grid
     image = t2i.generate_image("a photo of a red circle")
