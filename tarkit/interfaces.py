@@ -96,8 +96,9 @@ class Quantizer(PretrainedMixin, nn.Module, ABC):
 
     def lookup(self, indices: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
         """The vectors ``[..., D]`` that ``forward`` outputs for these code ``indices`` (override when the
-        quantizer transforms codes, e.g. l2-normalises them)."""
-        return codebook[indices]
+        quantizer transforms codes, e.g. l2-normalises them). ``F.embedding``: its backward is deterministic on
+        CPU, where indexing's is not."""
+        return nn.functional.embedding(indices, codebook)
 
 
 class TATokConverter(ABC):

@@ -11,7 +11,7 @@ on (1 without a record), T2I's ``cfg_scale``/``temperature``/``top_k``/``top_p``
 left out when the folder names a TA-Tok that exists. A scale the LM never saw in training is allowed, with an
 :class:`UnseenScaleWarning`.
 
-Images may be paths, PIL images, numpy arrays, tensors or lists of these (:func:`tarkit.data.images_to_batch`).
+Images may be paths, PIL images, numpy arrays, tensors or lists of these (:func:`tarkit.images.images_to_batch`).
 Prompts are strings. An empty question to :class:`ImageToTextPipeline` asks for a caption ("Describe the image.", the
 question the datamodules give caption records); an empty prompt to :class:`TextToImagePipeline` is the unconditional
 prompt classifier-free guidance contrasts with, so it draws an unconditional sample.
@@ -32,8 +32,8 @@ from PIL import Image
 
 from tarkit import tatok as tatoks
 from tarkit.autoencoder import MMAutoEncoder
-from tarkit.data import ImageInput, images_to_batch
 from tarkit.generation import generate_image_codes, generate_text
+from tarkit.images import ImageInput, images_to_batch
 from tarkit.interfaces import DeTokenizer, LanguageModel
 from tarkit.paths import resolve_path
 from tarkit.pretrained import config_class

@@ -21,7 +21,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.loggers.tensorboard import _TENSORBOARD_AVAILABLE
 from torchvision.utils import make_grid
 
-from tarkit.data import save_comparison_grid
+from tarkit.images import save_comparison_grid
 
 
 def default_loggers(run_dir: str) -> list[Logger]:
@@ -77,7 +77,7 @@ def default_checkpoint(run_dir: str, every_n_train_steps: int = 100) -> ModelChe
 
 
 def log_comparison_grid(trainer: Trainer, originals: torch.Tensor, redrawn: torch.Tensor) -> Path:
-    """Originals over their reconstructions: a PNG under ``<run>/samples/`` (:func:`tarkit.data.save_comparison_grid`)
+    """Originals over their reconstructions: a PNG under ``<run>/samples/`` (:func:`tarkit.images.save_comparison_grid`)
     and, where the run logs to TensorBoard, an image ``samples`` at the current step."""
     path = save_comparison_grid(trainer.default_root_dir, trainer.global_step, originals, redrawn)
     grid = make_grid(torch.cat([originals, redrawn]).float().cpu().clamp(0, 1), nrow=len(originals))

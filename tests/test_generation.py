@@ -41,7 +41,22 @@ def tiny_lm(seed: int = 0) -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM(config).eval()
 
 
-class BareLM(LanguageModel):
+class GenerationOnlyLM(LanguageModel):
+    """The interface with only what generation uses implemented by subclasses (no tokenizer, no training)."""
+
+    tokenizer = vocab = None  # generation needs neither
+
+    def ensure_image_vocabulary(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def forward(self, input_ids, attention_mask=None):
+        raise NotImplementedError
+
+    def hidden_states(self, input_ids, attention_mask=None):
+        raise NotImplementedError
+
+
+class BareLM(GenerationOnlyLM):
     """The generation half of the interface over a bare HF model (no tokenizer), as ``HFCausalLM`` builds it."""
 
     def __init__(self, model: Qwen2ForCausalLM):
@@ -54,17 +69,6 @@ class BareLM(LanguageModel):
 
     def incremental_decoder(self, attention_mask: torch.Tensor) -> HFCachedDecoder:
         return HFCachedDecoder(self.model, attention_mask)
-
-    tokenizer = vocab = None  # generation needs neither
-
-    def ensure_image_vocabulary(self, *args, **kwargs):
-        raise NotImplementedError
-
-    def forward(self, input_ids, attention_mask=None):
-        raise NotImplementedError
-
-    def hidden_states(self, input_ids, attention_mask=None):
-        raise NotImplementedError
 
 
 def with_biased_head(model: Qwen2ForCausalLM, rows: slice, bias: float = 1e4) -> Qwen2ForCausalLM:
@@ -377,7 +381,7 @@ def test_text_generation_never_emits_banned_ids():
 # --- any LanguageModel: the interface is all generation uses -------------------------------------------------
 
 
-class GRULM(LanguageModel):
+class GRULM(GenerationOnlyLM):
     """A language model that is no Hugging Face model at all: embedding -> GRU cell -> linear head."""
 
     def __init__(self, seed: int = 0):
@@ -404,17 +408,6 @@ class GRULM(LanguageModel):
         for token in tokens:
             h = self.model["cell"](self.model["embed"](torch.tensor([token])), h)
         return h[0]
-
-    tokenizer = vocab = None
-
-    def ensure_image_vocabulary(self, *args, **kwargs):
-        raise NotImplementedError
-
-    def forward(self, input_ids, attention_mask=None):
-        raise NotImplementedError
-
-    def hidden_states(self, input_ids, attention_mask=None):
-        raise NotImplementedError
 
 
 class GRUDecoder(IncrementalDecoder):

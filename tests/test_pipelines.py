@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import tarkit.pipelines as pipelines
-from tarkit.data import IMAGE_INPUTS, images_to_batch
+from tarkit.images import IMAGE_INPUTS, images_to_batch
 from tarkit.pipelines import ImageToTextPipeline, TextToImagePipeline, UnseenScaleWarning, recorded_tatok
 from tarkit.settings import GenerationDefaults, TarSettings, TATokRecord, read_settings, tatok_record, write_settings
 from tarkit.tatok import TATok

@@ -24,16 +24,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from tarkit.data import (
-    DataFormatError,
-    DataWarning,
-    EpochDataLoader,
-    SkipCounter,
-    TaskMix,
-    image_to_tensor,
-    iter_jsonl,
-    load_image,
-)
+from tarkit.data import DataFormatError, DataWarning, EpochDataLoader, SkipCounter, TaskMix
+from tarkit.images import image_to_tensor, load_image
+from tarkit.jsonl import iter_jsonl
 from tarkit_plugins.datamodules.common import (
     Record,
     RecordDataModule,

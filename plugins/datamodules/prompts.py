@@ -12,8 +12,10 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from tarkit.data import DataFormatError, image_to_tensor, load_image, read_jsonl
-from tarkit.evaluation import read_geneval_prompts
+from tarkit.data import DataFormatError
+from tarkit.images import image_to_tensor, load_image
+from tarkit.jsonl import read_jsonl
+from tarkit_plugins.evaluation import read_geneval_prompts
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 

@@ -28,7 +28,8 @@ from typing import Any
 import webdataset as wds
 from torch.utils.data import DataLoader
 
-from tarkit.data import DataFormatError, EpochDataLoader, SkipCounter, TaskMix, image_to_tensor, load_image
+from tarkit.data import DataFormatError, EpochDataLoader, SkipCounter, TaskMix
+from tarkit.images import image_to_tensor, load_image
 from tarkit_plugins.datamodules.common import (
     RecordDataModule,
     enabled_tasks,

@@ -9,10 +9,11 @@ import torch
 from torch.nn import functional as F
 
 from tarkit.autoencoder import MMAutoEncoder
-from tarkit.data import sample_images, tensor_to_image
-from tarkit.evaluation import psnr
+from tarkit.data import sample_images
+from tarkit.images import tensor_to_image
 from tarkit.interfaces import DeTokenizer
 from tarkit.training import TarkitModule
+from tarkit_plugins.evaluation import psnr
 
 
 class DeTokenizerModule(TarkitModule):

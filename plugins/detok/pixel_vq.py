@@ -290,7 +290,9 @@ class VectorQuantizer(nn.Module):
         if restarting:
             counts = torch.bincount(indices, minlength=self.config.codebook_size).to(self.usage.dtype)
             self.usage.mul_(0.9).add_(counts, alpha=0.1)
-        quantized = codebook[indices]
+        # F.embedding, not codebook[indices]: the indexing's backward accumulates rows in a thread-dependent
+        # order on CPU, so two runs with one seed would train different codebooks.
+        quantized = F.embedding(indices, codebook)
         losses = {
             "codebook": F.mse_loss(quantized, flat.detach()),
             "commitment": self.config.commitment_weight * F.mse_loss(flat, quantized.detach()),

@@ -7,9 +7,9 @@ from typing import Any
 import torch
 
 from tarkit.data import sample_images
-from tarkit.evaluation import psnr
 from tarkit.training import TarkitModule
 from tarkit_plugins.detok.pixel_vq import PixelVQ
+from tarkit_plugins.evaluation import psnr
 
 
 class PixelVQModule(TarkitModule):

@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from tarkit.data import write_jsonl
-from tarkit.evaluation import write_geneval_sample
 from tarkit.interfaces import TaskFormatter
+from tarkit.jsonl import write_jsonl
 from tarkit.pipelines import ImageToTextPipeline, TextToImagePipeline
+from tarkit_plugins.evaluation import write_geneval_sample
 
 
 class TaskPredictor:

@@ -13,8 +13,10 @@ from pathlib import Path
 from PIL import Image
 
 from tarkit.commands import CommandError
-from tarkit.data import DataFormatError, load_image, read_jsonl, write_jsonl
-from tarkit.evaluation import (
+from tarkit.data import DataFormatError
+from tarkit.images import load_image
+from tarkit.jsonl import read_jsonl, write_jsonl
+from tarkit_plugins.evaluation import (
     geneval_scores,
     iter_geneval_folder,
     markdown_table,

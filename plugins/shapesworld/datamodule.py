@@ -9,7 +9,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from tarkit.data import EpochDataLoader, TaskMix, default_task_ratios, image_to_tensor, make_sample
+from tarkit.data import EpochDataLoader, TaskMix, default_task_ratios, make_sample
+from tarkit.images import image_to_tensor
 from tarkit_plugins.shapesworld.world import TAGS, SceneSampler, render
 
 CAPTION_QUESTIONS: tuple[str, ...] = (

@@ -21,8 +21,8 @@ from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from tarkit.data import image_to_tensor, tensor_to_image
-from tarkit.evaluation import psnr
+from tarkit.images import image_to_tensor, tensor_to_image
+from tarkit_plugins.evaluation import psnr
 from tarkit_plugins.shapesworld.oracle import score_image
 from tarkit_plugins.shapesworld.world import Example
 

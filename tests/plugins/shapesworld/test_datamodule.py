@@ -1,6 +1,6 @@
 import torch
 
-from tarkit.data import tensor_to_image
+from tarkit.images import tensor_to_image
 from tarkit.registry import registry
 from tarkit_plugins.shapesworld.datamodule import ShapesWorldDataModule
 from tarkit_plugins.shapesworld.oracle import answer_question, score_image

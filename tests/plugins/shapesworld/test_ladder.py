@@ -73,7 +73,7 @@ def test_a_probe_on_features_of_other_images_falls_to_chance(quick_demo):
 
 
 def test_generated_answers_and_captions_are_scored_against_their_own_items():
-    from tarkit.evaluation import pope_metrics
+    from tarkit_plugins.evaluation import pope_metrics
 
     labels = ["yes", "no"] * 50
     assert pope_metrics(labels, labels)["accuracy"] == 1.0

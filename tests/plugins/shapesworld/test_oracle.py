@@ -4,7 +4,7 @@ import random
 import pytest
 from PIL import Image
 
-from tarkit.evaluation import geneval_scores, pope_metrics
+from tarkit_plugins.evaluation import geneval_scores, pope_metrics
 from tarkit_plugins.shapesworld import hard_negatives as hn
 from tarkit_plugins.shapesworld.oracle import (
     Detection,

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from tarkit.ablate import AblateCommand, comparison_table, last_logged, read_spec
 from tarkit.commands import CommandError
+from tarkit_plugins.ablate import AblateCommand, comparison_table, last_logged, read_spec
 from tarkit_plugins.encoders import SigLIP2Encoder
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_reads_the_shipped_specs_and_names_bad_ones(tmp_path, monkeypatch):

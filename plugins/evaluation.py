@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from tarkit.data import DataFormatError, read_jsonl
+from tarkit.data import DataFormatError
+from tarkit.jsonl import read_jsonl
 
 GENEVAL_TAGS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 

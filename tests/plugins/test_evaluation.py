@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from tarkit.data import DataFormatError
-from tarkit.evaluation import (
+from tarkit_plugins.evaluation import (
     geneval_scores,
     iter_geneval_folder,
     pope_answer,
@@ -15,7 +15,7 @@ from tarkit.evaluation import (
     write_geneval_sample,
 )
 
-GENEVAL_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "geneval" / "evaluation_metadata.jsonl"
+GENEVAL_FILE = Path(__file__).resolve().parents[3] / "shared" / "data" / "geneval" / "evaluation_metadata.jsonl"
 
 
 @pytest.mark.skipif(not GENEVAL_FILE.is_file(), reason="needs ../shared/data/geneval beside the checkout")
@@ -78,7 +78,7 @@ def test_pope_files_need_every_answer(tmp_path):
 def test_psnr_per_image_then_averaged_and_clamped():
     import torch
 
-    from tarkit.evaluation import psnr
+    from tarkit_plugins.evaluation import psnr
 
     reference = torch.zeros(2, 3, 4, 4)
     noisy = reference.clone()
