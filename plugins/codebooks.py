@@ -177,13 +177,13 @@ class TextAlignedCodebook(CodebookProjection):
         if self.projection.bias is not None:
             self.projection.bias.zero_()
 
-    def config_dict(self) -> dict[str, Any]:
-        """The constructor arguments with ``embeddings=None`` and the width of ``E``.
+    # ``E`` is saved in ``model.safetensors`` like any weight, so a saved codebook loads without the embeddings it
+    # was read from (``key`` and ``first_row`` stay as a record of where its rows came from).
+    weight_sources = {"embeddings": None}
 
-        ``E`` is saved in ``model.safetensors`` like any weight, so a saved codebook loads without the
-        embeddings it was read from (``key`` and ``first_row`` stay as a record of where its rows came from).
-        """
-        return {**super().config_dict(), "embeddings": None, "embedding_width": self.embedding.shape[1]}
+    def config_dict(self) -> dict[str, Any]:
+        """The constructor arguments as saved (no embedding source) with the width of ``E``, which rebuilds it."""
+        return {**super().config_dict(), "embedding_width": self.embedding.shape[1]}
 
     @property
     def num_codes(self) -> int:

@@ -201,20 +201,10 @@ class SigLIP2Encoder(VisionEncoder):
         for name, values in self.normalisation.items():
             self.register_buffer(name, torch.tensor(values).view(1, 3, 1, 1), persistent=False)
 
-    def config_dict(self) -> dict[str, Any]:
-        """The resolved architecture, with no preset and no pretrained source.
+    weight_sources = {"pretrained": None}  # a saved folder rebuilds the tower without the original checkpoint
 
-        A saved folder's weights are in ``model.safetensors``, so its config must rebuild the same tower
-        without the original checkpoint folder (which may be gone, or reachable only by hub id) and without
-        a preset whose definition may change later.
-        """
-        return {
-            "preset": None,
-            "config": dict(self.architecture),
-            "pretrained": None,
-            "select_layer": self.select_layer,
-            **self.normalisation,
-        }
+    def resolved_config(self) -> dict[str, Any]:
+        return dict(self.architecture)
 
     @property
     def image_size(self) -> int:
@@ -292,9 +282,7 @@ class TimmEncoder(VisionEncoder):
         self.register_buffer("mean", torch.tensor(data["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(data["std"]).view(1, 3, 1, 1), persistent=False)
 
-    def config_dict(self) -> dict[str, Any]:
-        """The constructor arguments with ``pretrained=False``: a saved folder's weights are its own."""
-        return {**super().config_dict(), "pretrained": False}
+    weight_sources = {"pretrained": False}  # a saved folder's weights are its own
 
     @property
     def image_size(self) -> int:

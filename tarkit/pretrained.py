@@ -19,7 +19,7 @@ import inspect
 import json
 import os
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 import torch
 from safetensors.torch import load_file, save_model
@@ -203,17 +203,34 @@ def resolve_pretrained_dir(path: str | os.PathLike, filenames: tuple[str, ...] =
 class PretrainedMixin:
     """Adds ``save_pretrained`` / ``from_pretrained`` (config.json + model.safetensors) to an ``nn.Module``.
 
-    The constructor's arguments become the config; they must be JSON values or pretrained parts.
+    The constructor's arguments become the config; they must be JSON values or pretrained parts. A saved folder
+    holds its own weights and must rebuild the same module later, so two kinds of argument are saved otherwise:
+
+    - ``weight_sources`` (class attribute): arguments naming where the weights came from (a checkpoint folder,
+      a hub id, embedding rows), saved as the given value, e.g. ``{"pretrained": None}``;
+    - :meth:`resolved_config`: for a class built from a ``preset`` plus overrides, the architecture they
+      resolved to, saved with ``preset: None`` (under ``config`` when the constructor takes a ``config``,
+      else as its own arguments), so the folder does not depend on a preset's later edits.
     """
+
+    weight_sources: ClassVar[dict[str, Any]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "__init__" in cls.__dict__:
             cls.__init__ = _record_init_args(cls.__init__)
 
+    def resolved_config(self) -> dict[str, Any] | None:
+        """The architecture ``preset`` and its overrides resolved to; ``None`` for a class without presets."""
+        return None
+
     def config_dict(self) -> dict[str, Any]:
-        """The constructor arguments, JSON-ready."""
-        return {k: _to_json(v, k) for k, v in self.__dict__.get("_init_config", {}).items()}
+        """The constructor arguments as a saved folder needs them (see the class docstring), JSON-ready."""
+        args = {**self.__dict__.get("_init_config", {}), **self.weight_sources}
+        resolved = self.resolved_config()
+        if resolved is not None:
+            args.update({"preset": None, **({"config": resolved} if "config" in args else resolved)})
+        return {k: _to_json(v, k) for k, v in args.items()}
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Write ``config.json`` and ``model.safetensors`` into ``save_directory`` (created if needed)."""

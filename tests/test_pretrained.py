@@ -104,3 +104,35 @@ def test_unserialisable_constructor_argument_is_a_clear_error(tmp_path):
 
     with pytest.raises(TypeError, match="argument 'thing' is a object"):
         Holder(thing=object()).save_pretrained(tmp_path)
+
+
+PRESETS = {"small": {"width": 4, "depth": 1}}
+
+
+class PresetNet(PretrainedMixin, nn.Module):
+    """Built from a preset plus overrides, optionally from a weight file: what a saved folder must not need."""
+
+    weight_sources = {"init_from": None}
+
+    def __init__(self, preset: str | None = "small", config: dict | None = None, init_from: str | None = None):
+        super().__init__()
+        self.resolved = {**PRESETS.get(preset, {"width": 2, "depth": 1}), **(config or {})}
+        self.layers = nn.Sequential(*[nn.Linear(self.resolved["width"], 3) for _ in range(self.resolved["depth"])])
+        if init_from is not None:
+            self.layers.load_state_dict(torch.load(init_from, weights_only=True))
+
+    def resolved_config(self):
+        return dict(self.resolved)
+
+
+def test_a_saved_folder_holds_the_resolved_config_not_the_preset_nor_the_weight_source(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    torch.save(PresetNet(config={"width": 6}).layers.state_dict(), tmp_path / "init.pt")
+    model = PresetNet(config={"width": 6}, init_from=str(tmp_path / "init.pt"))
+    model.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / CONFIG_NAME).read_text())
+    assert config["init_args"] == {"preset": None, "config": {"width": 6, "depth": 1}, "init_from": None}
+    (tmp_path / "init.pt").unlink()  # the source is gone
+    monkeypatch.setitem(PRESETS, "small", {"width": 4, "depth": 7})  # and the preset changed since
+    loaded = PresetNet.from_pretrained(tmp_path / "m")
+    assert len(loaded.layers) == 1 and torch.equal(loaded.layers[0].weight, model.layers[0].weight)

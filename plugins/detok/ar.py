@@ -245,16 +245,13 @@ class AutoregressiveDeTokenizer(DeTokenizer):
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
+    def resolved_config(self) -> dict[str, Any]:
+        return asdict(self.config)
+
     def config_dict(self) -> dict[str, Any]:
-        """The resolved architecture with the VQ's own (not the path it came from), so a folder is self-contained."""
-        vq = part_config(self.vq)
-        return {
-            "vq": vq,
-            "condition_dim": self.condition_dim,
-            "preset": None,
-            "config": asdict(self.config),
-            "image_size": None,
-        }
+        """With the VQ's own config (not the path it came from, and at the size in use), so a folder is
+        self-contained."""
+        return {**super().config_dict(), "vq": part_config(self.vq), "image_size": None}
 
     def train(self, mode: bool = True) -> AutoregressiveDeTokenizer:
         super().train(mode)

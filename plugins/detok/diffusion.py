@@ -294,9 +294,8 @@ class DiffusionDeTokenizer(DeTokenizer):
         # set_timesteps rewrites a scheduler's timesteps (and scale_noise looks timesteps up in them).
         self.noise_scheduler = SCHEDULERS[resolved["scheduler"]](**scheduler_config)
 
-    def config_dict(self) -> dict[str, Any]:
-        """The resolved configuration, with no preset: a saved folder rebuilds even if a preset changes later."""
-        return {"preset": None, **self.resolved}
+    def resolved_config(self) -> dict[str, Any]:
+        return dict(self.resolved)
 
     @property
     def condition_dim(self) -> int:

@@ -346,9 +346,8 @@ class PixelVQ(PretrainedMixin, nn.Module):
         self.quant_conv = nn.Conv2d(self.config.z_channels, self.config.codebook_dim, 1)
         self.post_quant_conv = nn.Conv2d(self.config.codebook_dim, self.config.z_channels, 1)
 
-    def config_dict(self) -> dict[str, Any]:
-        """The resolved architecture, no preset: a saved folder must not depend on a preset's later edits."""
-        return {"preset": None, "config": asdict(self.config)}
+    def resolved_config(self) -> dict[str, Any]:
+        return asdict(self.config)
 
     def with_image_size(self, image_size: int) -> PixelVQ:
         """Use the (convolutional) model at another image size, which sets the code grid; returns ``self``."""
