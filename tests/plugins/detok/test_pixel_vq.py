@@ -100,6 +100,33 @@ def test_codebook_gradient_is_the_same_every_run():
     assert len(grads) == 1
 
 
+def test_two_fits_of_the_tiny_recipe_with_one_seed_give_the_same_weights(tmp_path, monkeypatch):
+    """What the demo's "same seed, same figures" rests on for this stage, with two threads as the demo runs
+    (before the fix the codebook differed after one step)."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("TARKIT_NUM_THREADS", "2")
+    weights = []
+    for run in ("a", "b"):
+        main(
+            [
+                "fit",
+                "--config",
+                str(ROOT / "recipes/tiny/pixel_vq.yaml"),
+                "--trainer.max_steps=2",
+                "--trainer.limit_val_batches=0",
+                "--trainer.enable_progress_bar=false",
+                "--data.init_args.train_size=32",
+                "--data.init_args.batch_size=16",
+                f"--trainer.default_root_dir={tmp_path / run}",
+                f"--model.init_args.export_dir={tmp_path / run / 'vq'}",
+            ]
+        )
+        weights.append(load_file(str(tmp_path / run / "vq" / "model.safetensors")))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_restart_from_is_checked():
     with pytest.raises(ValueError, match="restart_from must be one of random, error"):
         micro_vq(restart_from="farthest")
