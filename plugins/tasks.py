@@ -6,18 +6,21 @@ from typing import Any
 
 from tarkit.interfaces import TaskFormatter
 from tarkit.prompts import Part, image_ids
+from tarkit.reflect import DEFAULT_QUESTION
 from tarkit.vocab import ImageVocabulary
 
 
 class ImageToText(TaskFormatter):
-    """i2t: image tokens + "\\n" + question in the user turn; the answer is supervised."""
+    """i2t: image tokens + "\\n" + question in the user turn; the answer is supervised. A blank question is the
+    caption question (``DEFAULT_QUESTION``), as the pipelines read it."""
 
     name = "i2t"
     needs = frozenset({"text", "answer", "input_image"})
     default_ratio = 1.0
 
     def user(self, sample: dict[str, Any], vocab: ImageVocabulary) -> list[Part]:
-        return [image_ids(vocab, self.codes(sample, "input_codes")), "\n" + sample["text"]]
+        question = sample["text"] if sample["text"].strip() else DEFAULT_QUESTION
+        return [image_ids(vocab, self.codes(sample, "input_codes")), "\n" + question]
 
 
 class TextToImage(TaskFormatter):

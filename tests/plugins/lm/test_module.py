@@ -11,6 +11,7 @@ from transformers import AutoTokenizer, GenerationConfig, Qwen2ForCausalLM
 from tarkit.cli import main
 from tarkit.pipelines import ImageToTextPipeline, TextToImagePipeline
 from tarkit.prompts import IGNORE_INDEX
+from tarkit.reflect import DEFAULT_QUESTION
 from tarkit.settings import GenerationDefaults, TarSettings, TATokRecord, read_settings
 from tarkit.tatok import TATok
 from tarkit.vocab import VocabularyError
@@ -137,6 +138,8 @@ def test_task_formatters_supervise_only_the_assistant_turn():
     target = t2i["input_ids"][t2i["labels"] != IGNORE_INDEX]
     assert target[:2].tolist() == [vocab.im_start, vocab.scale_ids[2]]
     assert torch.equal(vocab.ids_to_codes(target[2:6]), codes) and target[6] == vocab.im_end
+    blank, caption = ({"text": text, "input_codes": codes} for text in ("  ", DEFAULT_QUESTION))
+    assert I2TTask().prompt(blank, tokenizer, vocab) == I2TTask().prompt(caption, tokenizer, vocab)  # as pipelines
 
 
 def test_predict_answers_questions_and_writes_geneval_layout(tar_dir, tatok_dir, tmp_path):
