@@ -137,6 +137,10 @@ class TextAlignedCodebook(CodebookProjection):
         embedding_width: width of ``E``; needed when ``embeddings`` is ``None``, else checked if given.
     """
 
+    # ``E`` is saved in ``model.safetensors`` like any weight, so a saved codebook loads without the embeddings it
+    # was read from (``key`` and ``first_row`` stay as a record of where its rows came from).
+    weight_sources = {"embeddings": None}
+
     def __init__(
         self,
         embeddings: str | None,
@@ -176,10 +180,6 @@ class TextAlignedCodebook(CodebookProjection):
             weight.mul_(max(1.0, (width / dim) ** 0.5))
         if self.projection.bias is not None:
             self.projection.bias.zero_()
-
-    # ``E`` is saved in ``model.safetensors`` like any weight, so a saved codebook loads without the embeddings it
-    # was read from (``key`` and ``first_row`` stay as a record of where its rows came from).
-    weight_sources = {"embeddings": None}
 
     def config_dict(self) -> dict[str, Any]:
         """The constructor arguments as saved (no embedding source) with the width of ``E``, which rebuilds it."""

@@ -164,6 +164,7 @@ class SigLIP2Encoder(VisionEncoder):
 
     # The SiglipVisionConfig fields that `config` takes (loaders of other checkpoint formats read them too).
     ARCHITECTURE_KEYS = SIGLIP_ARCHITECTURE_KEYS
+    weight_sources = {"pretrained": None}  # a saved folder rebuilds the tower without the original checkpoint
 
     def __init__(
         self,
@@ -201,8 +202,6 @@ class SigLIP2Encoder(VisionEncoder):
         for name, values in self.normalisation.items():
             self.register_buffer(name, torch.tensor(values).view(1, 3, 1, 1), persistent=False)
 
-    weight_sources = {"pretrained": None}  # a saved folder rebuilds the tower without the original checkpoint
-
     def resolved_config(self) -> dict[str, Any]:
         return dict(self.architecture)
 
@@ -239,6 +238,8 @@ class TimmEncoder(VisionEncoder):
             last block's output, ``i > 0`` the output of block ``i``; ``0`` (patch embeddings) is not offered.
         model_kwargs: further ``timm.create_model`` arguments, e.g. ``{"depth": 2, "embed_dim": 64}``.
     """
+
+    weight_sources = {"pretrained": False}  # a saved folder's weights are its own
 
     def __init__(
         self,
@@ -281,8 +282,6 @@ class TimmEncoder(VisionEncoder):
         # Not persistent: they follow the model name, and keeping them out of the state dict keeps it timm's.
         self.register_buffer("mean", torch.tensor(data["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(data["std"]).view(1, 3, 1, 1), persistent=False)
-
-    weight_sources = {"pretrained": False}  # a saved folder's weights are its own
 
     @property
     def image_size(self) -> int:

@@ -58,18 +58,18 @@ class PromptDataset(Dataset):
             return self._item("image", Path(row["image"]).stem, "", row["image"], {})
         return self._item("i2t", str(row["question_id"]), row["text"], row["image"], {})
 
-    def _item(self, kind: str, id: str, text: str, image: str | None, record: dict[str, Any]) -> dict[str, Any]:
+    def _item(self, kind: str, row_id: str, text: str, image: str | None, record: dict[str, Any]) -> dict[str, Any]:
         if image is None:
             pixels = torch.zeros(3, self.image_size, self.image_size)
         else:
-            what = str(self.root) if self.kind == "image" else f"{kind} row {id!r}"
+            what = str(self.root) if self.kind == "image" else f"{kind} row {row_id!r}"
             try:
                 pixels = image_to_tensor(load_image(self.root / image), self.image_size)
             except (OSError, ValueError) as err:
                 raise DataFormatError(f"{what}: cannot read image {image}: {err}") from err
         return {
             "kind": kind,
-            "id": id,
+            "id": row_id,
             "text": text,
             "image": pixels,
             "has_image": image is not None,
