@@ -6,8 +6,8 @@ from typing import Any
 
 from tarkit.interfaces import TaskFormatter
 from tarkit.prompts import Part, image_ids
-from tarkit.reflect import DEFAULT_QUESTION
 from tarkit.vocab import ImageVocabulary
+from tarkit_plugins.lm.reflect import DEFAULT_QUESTION
 
 
 class ImageToText(TaskFormatter):

@@ -154,7 +154,7 @@ class DeTokenizer(PretrainedMixin, nn.Module, ABC):
 
 
 class IncrementalDecoder(ABC):
-    """One batch of left-padded prompts decoded a token at a time over a cache (see :mod:`tarkit.generation`).
+    """One batch of left-padded prompts decoded a token at a time over a cache: what constrained generation needs.
 
     Made by :meth:`LanguageModel.incremental_decoder` for a 2D ``attention_mask [R, T]`` (1 = real token).
     A row's positions count its real tokens only, so left padding does not change what a row decodes.

@@ -44,11 +44,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from tarkit.checkpoints import read_official_spec
-from tarkit.generation import sample_next
 from tarkit.interfaces import DeTokenizer
 from tarkit.presets import preset_values
 from tarkit.pretrained import PretrainedLoadError, check_state_dict, part_config
 from tarkit_plugins.detok.pixel_vq import PixelVQ, load_pixel_vq
+from tarkit_plugins.lm.generation import sample_next
 
 POSITIONS = ("absolute", "rope2d")
 
@@ -358,7 +358,7 @@ class AutoregressiveDeTokenizer(DeTokenizer):
         With ``cfg_scale != 1`` the null condition's rows are appended to the batch (one forward per step over
         ``2B`` rows) and the logits become ``uncond + cfg_scale * (cond - uncond)``; at 1 they are never run, so
         the codes equal unguided sampling under the same generator. ``temperature`` (0: greedy), ``top_k`` and
-        ``top_p`` filter as :func:`tarkit.generation.sample_next` does (the reference: 1.0, off, off).
+        ``top_p`` filter as :func:`tarkit_plugins.lm.generation.sample_next` does (the reference: 1.0, off, off).
         """
         self._check_condition(condition)
         guided = cfg_scale != 1.0

@@ -8,11 +8,11 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from tarkit.autoencoder import MMAutoEncoder
 from tarkit.data import sample_images
 from tarkit.images import tensor_to_image
 from tarkit.interfaces import DeTokenizer
 from tarkit.training import TarkitModule
+from tarkit_plugins.detok.autoencoder import MMAutoEncoder
 from tarkit_plugins.evaluation import psnr
 
 

@@ -14,14 +14,14 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tarkit.interfaces import LanguageModel
-from tarkit.pipelines import ImageToTextPipeline, TextToImagePipeline
 from tarkit.prompts import IGNORE_INDEX, pad_examples
 from tarkit.registry import registry
-from tarkit.settings import GenerationDefaults, TarSettings, default_scale, tatok_record, write_settings
 from tarkit.tatok import TATok
 from tarkit.training import TarkitModule
 from tarkit.vocab import ImageVocabulary
 from tarkit_plugins.lm.prediction import TaskPredictor
+from tarkit_plugins.lm.settings import GenerationDefaults, TarSettings, default_scale, tatok_record, write_settings
+from tarkit_plugins.pipelines import ImageToTextPipeline, TextToImagePipeline
 
 LOSS_WEIGHTINGS = ("token", "sample")
 IMAGE_LOSSES = ("image_rows", "full_vocab")
@@ -124,7 +124,8 @@ class UnifiedLMModule(TarkitModule):
     images are tokenized (cached with ``code_cache_dir``), each sample is formatted by its task's formatter
     (``tarkit.tasks``) and the loss is next-token cross-entropy on the assistant turns. Per-task loss and
     token accuracy are logged. At the end of fit the LM is saved as a Hugging Face folder that records its
-    training scales, its TA-Tok and generation defaults in ``generation_config.json`` (:mod:`tarkit.settings`).
+    training scales, its TA-Tok and generation defaults in ``generation_config.json``
+    (:mod:`tarkit_plugins.lm.settings`).
 
     Args:
         lm: the language model (``tarkit.lms``); its vocabulary is expanded with the TA-Tok's codes and scales
@@ -288,7 +289,7 @@ class UnifiedLMModule(TarkitModule):
         return out
 
     def settings(self, folder: str | Path) -> TarSettings:
-        """What an LM folder at ``folder`` records about this training (see :mod:`tarkit.settings`)."""
+        """What an LM folder at ``folder`` records about this training (see :mod:`tarkit_plugins.lm.settings`)."""
         hp = self.hparams
         return TarSettings(
             train_scales=self.train_scales,

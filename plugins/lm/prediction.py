@@ -17,8 +17,8 @@ import torch
 
 from tarkit.interfaces import TaskFormatter
 from tarkit.jsonl import write_jsonl
-from tarkit.pipelines import ImageToTextPipeline, TextToImagePipeline
 from tarkit_plugins.evaluation import write_geneval_sample
+from tarkit_plugins.pipelines import ImageToTextPipeline, TextToImagePipeline
 
 
 class TaskPredictor:

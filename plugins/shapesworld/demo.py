@@ -29,10 +29,10 @@ from torchvision.utils import make_grid
 from tarkit.cli import main as tarkit_main
 from tarkit.commands import CommandError
 from tarkit.images import tensor_to_image
-from tarkit.pipelines import ImageToTextPipeline, TextToImagePipeline
-from tarkit.settings import record_generation_defaults
 from tarkit_plugins.ablate import last_logged
 from tarkit_plugins.detok.pixel_vq import PixelVQ
+from tarkit_plugins.lm.settings import record_generation_defaults
+from tarkit_plugins.pipelines import ImageToTextPipeline, TextToImagePipeline
 from tarkit_plugins.shapesworld.curves import newest_log, plot_stage
 from tarkit_plugins.shapesworld.ladder import (
     Rung,

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw
 
-from tarkit.pipelines import ImageToTextPipeline, TextToImagePipeline
 from tarkit_plugins.evaluation import geneval_scores, pope_metrics
+from tarkit_plugins.pipelines import ImageToTextPipeline, TextToImagePipeline
 from tarkit_plugins.shapesworld.ladder import Rung, geneval_stderr, lowest_failed, proportion_stderr
 from tarkit_plugins.shapesworld.oracle import score_image
 from tarkit_plugins.shapesworld.world import COLORS, SHAPES, Example, SceneSampler, render

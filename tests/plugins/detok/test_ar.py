@@ -10,12 +10,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from tarkit.autoencoder import load_detokenizer
 from tarkit.cli import main
-from tarkit.generation import sample_next
 from tarkit.interfaces import DeTokenizer
 from tarkit.pretrained import PretrainedLoadError
 from tarkit_plugins.detok.ar import AutoregressiveDeTokenizer, load_official_ar_detokenizer
+from tarkit_plugins.detok.autoencoder import load_detokenizer
+from tarkit_plugins.lm.generation import sample_next
 
 from .conftest import micro_vq
 

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tarkit.autoencoder import load_detokenizer
 from tarkit.cli import main
 from tarkit.interfaces import DeTokenizer
+from tarkit_plugins.detok.autoencoder import load_detokenizer
 from tarkit_plugins.detok.diffusion import DiffusionDeTokenizer, grid_position_embedding
 
 ROOT = Path(__file__).resolve().parents[3]

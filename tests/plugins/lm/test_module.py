@@ -9,15 +9,15 @@ import torch
 from transformers import AutoTokenizer, GenerationConfig, Qwen2ForCausalLM
 
 from tarkit.cli import main
-from tarkit.pipelines import ImageToTextPipeline, TextToImagePipeline
 from tarkit.prompts import IGNORE_INDEX
-from tarkit.reflect import DEFAULT_QUESTION
-from tarkit.settings import GenerationDefaults, TarSettings, TATokRecord, read_settings
 from tarkit.tatok import TATok
 from tarkit.vocab import VocabularyError
 from tarkit_plugins.codebooks import LearnedCodebook
 from tarkit_plugins.encoders import SigLIP2Encoder
+from tarkit_plugins.lm.reflect import DEFAULT_QUESTION
+from tarkit_plugins.lm.settings import GenerationDefaults, TarSettings, TATokRecord, read_settings
 from tarkit_plugins.lms import HFCausalLM
+from tarkit_plugins.pipelines import ImageToTextPipeline, TextToImagePipeline
 from tarkit_plugins.quantizers import SimVQ
 from tarkit_plugins.tasks import ImageToText as I2TTask
 from tarkit_plugins.tasks import TextToImage as T2ITask

@@ -80,8 +80,8 @@ def test_a_stage_trained_with_another_budget_is_neither_reused_nor_overwritten(t
 
 @pytest.mark.slow
 def test_the_demo_bundle_loads_with_one_path_at_its_training_scale(quick_demo):
-    from tarkit.pipelines import ImageToTextPipeline, TextToImagePipeline
-    from tarkit.settings import read_settings
+    from tarkit_plugins.lm.settings import read_settings
+    from tarkit_plugins.pipelines import ImageToTextPipeline, TextToImagePipeline
 
     settings = read_settings(quick_demo / "checkpoints" / "lm")
     assert settings.train_scales == [2] and settings.generation.scale == 2 and settings.generation.cfg_scale == 3.0

@@ -1,16 +1,16 @@
-"""tarkit.generation on a tiny random Qwen2 whose vocabulary ends in a hand-made image vocabulary, driven through
-the LanguageModel interface with the HF LM plugin's cached decoder."""
+"""tarkit_plugins.lm.generation on a tiny random Qwen2 whose vocabulary ends in a hand-made image vocabulary,
+driven through the LanguageModel interface with the HF LM plugin's cached decoder."""
 
 import pytest
 import torch
 from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-import tarkit.generation as generation
-from tarkit.generation import generate_image_codes, generate_text, sample_next
+import tarkit_plugins.lm.generation as generation
 from tarkit.interfaces import IncrementalDecoder, LanguageModel
 from tarkit.vocab import ImageVocabulary
 from tarkit_plugins.lm.cached_decoder import HFCachedDecoder
+from tarkit_plugins.lm.generation import generate_image_codes, generate_text, sample_next
 
 BASE, K = 100, 40  # text ids 0..99, <im_start>=100, <im_end>=101, <S0..S2>=102..104, images 105..144
 VOCAB = ImageVocabulary(im_start=100, im_end=101, scale_ids=(102, 103, 104), image_start=105, num_codes=K)

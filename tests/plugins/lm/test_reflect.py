@@ -5,7 +5,7 @@ import torch
 from torch.nn import functional as F
 
 from tarkit.prompts import chat_example, image_ids
-from tarkit.reflect import best_of, prompt_log_likelihood
+from tarkit_plugins.lm.reflect import best_of, prompt_log_likelihood
 from tarkit_plugins.lms import HFCausalLM
 
 SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from tarkit.autoencoder import MMAutoEncoder, load_detokenizer, to_uint8
 from tarkit.interfaces import DeTokenizer
 from tarkit.tatok import TATok
 from tarkit_plugins.codebooks import LearnedCodebook
+from tarkit_plugins.detok.autoencoder import MMAutoEncoder, load_detokenizer, to_uint8
 from tarkit_plugins.encoders import SigLIP2Encoder
 from tarkit_plugins.quantizers import SimVQ
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-from tarkit.settings import (
+from tarkit_plugins.lm.settings import (
     GenerationDefaults,
     TarSettings,
     TATokRecord,

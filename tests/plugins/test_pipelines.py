@@ -10,16 +10,23 @@ import pytest
 import torch
 from PIL import Image
 
-import tarkit.pipelines as pipelines
+import tarkit_plugins.pipelines as pipelines
 from tarkit.images import IMAGE_INPUTS, images_to_batch
-from tarkit.pipelines import ImageToTextPipeline, TextToImagePipeline, UnseenScaleWarning, recorded_tatok
-from tarkit.settings import GenerationDefaults, TarSettings, TATokRecord, read_settings, tatok_record, write_settings
 from tarkit.tatok import TATok
 from tarkit_plugins.codebooks import LearnedCodebook
 from tarkit_plugins.detok.ar import AutoregressiveDeTokenizer
 from tarkit_plugins.detok.pixel_vq import PixelVQ
 from tarkit_plugins.encoders import SigLIP2Encoder
+from tarkit_plugins.lm.settings import (
+    GenerationDefaults,
+    TarSettings,
+    TATokRecord,
+    read_settings,
+    tatok_record,
+    write_settings,
+)
 from tarkit_plugins.lms import HFCausalLM
+from tarkit_plugins.pipelines import ImageToTextPipeline, TextToImagePipeline, UnseenScaleWarning, recorded_tatok
 from tarkit_plugins.quantizers import SimVQ
 
 SIZE = 48  # the tiny encoder's input side: no resizing, so every input kind must give the exact same pixels

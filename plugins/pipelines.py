@@ -6,10 +6,10 @@ tokenizer has the image words), a TA-Tok folder or reference ``ta_tok.pth``, and
 ``from_pretrained(bundle)`` loads all of them from one folder holding ``lm/``, ``tatok/`` and a de-tokenizer
 (what ``tarkit demo`` writes to ``outputs/demo/checkpoints``).
 
-Defaults come from the LM folder's record (:mod:`tarkit.settings`): ``scale=None`` is the scale it was trained
-on (1 without a record), T2I's ``cfg_scale``/``temperature``/``top_k``/``top_p`` likewise, and ``tatok`` may be
-left out when the folder names a TA-Tok that exists. A scale the LM never saw in training is allowed, with an
-:class:`UnseenScaleWarning`.
+Defaults come from the LM folder's record (:mod:`tarkit_plugins.lm.settings`): ``scale=None`` is the scale it
+was trained on (1 without a record), T2I's ``cfg_scale``/``temperature``/``top_k``/``top_p`` likewise, and
+``tatok`` may be left out when the folder names a TA-Tok that exists. A scale the LM never saw in training is
+allowed, with an :class:`UnseenScaleWarning`.
 
 Images may be paths, PIL images, numpy arrays, tensors or lists of these (:func:`tarkit.images.images_to_batch`).
 Prompts are strings. An empty question to :class:`ImageToTextPipeline` asks for a caption ("Describe the image.", the
@@ -31,18 +31,18 @@ import torch
 from PIL import Image
 
 from tarkit import tatok as tatoks
-from tarkit.autoencoder import MMAutoEncoder
-from tarkit.generation import generate_image_codes, generate_text
 from tarkit.images import ImageInput, images_to_batch
 from tarkit.interfaces import DeTokenizer, LanguageModel
 from tarkit.paths import resolve_path
 from tarkit.pretrained import config_class
 from tarkit.prompts import image_ids, user_prefix
-from tarkit.reflect import DEFAULT_QUESTION, best_of, prompt_log_likelihood
 from tarkit.registry import registry
-from tarkit.settings import TarSettings, read_settings, settings_of
 from tarkit.tatok import TATok
 from tarkit.vocab import ImageVocabulary
+from tarkit_plugins.detok.autoencoder import MMAutoEncoder
+from tarkit_plugins.lm.generation import generate_image_codes, generate_text
+from tarkit_plugins.lm.reflect import DEFAULT_QUESTION, best_of, prompt_log_likelihood
+from tarkit_plugins.lm.settings import TarSettings, read_settings, settings_of
 
 Images = ImageInput | Sequence[ImageInput]
 PathLike = str | os.PathLike
@@ -308,7 +308,8 @@ class TextToImagePipeline(_TarPipeline):
     one. ``detokenizer`` is any de-tokenizer (or its folder) trained on this TA-Tok; swapping one kind for
     another is a change of that argument only; without one, only codes can be generated. ``detok_cfg_scale``
     and ``detok_sampling`` go to the de-tokenizer's ``sample``. ``candidates > 1`` turns on self-reflection:
-    that many codes are sampled per prompt and the one the LM reads back best is kept (:mod:`tarkit.reflect`).
+    that many codes are sampled per prompt and the one the LM reads back best is kept
+    (:mod:`tarkit_plugins.lm.reflect`).
     An empty prompt is the unconditional prompt guidance contrasts with: it draws an unconditional sample.
     """
 
