@@ -1,0 +1,141 @@
+"""What the benchmarks share: the machine's facts and limits measured in the same run, interleaved timing, and
+the results file ``benchmarks/results/<name>.json``.
+
+The limits are measured, not quoted from a data sheet, so that a ratio to them means the same thing on a shared
+or throttled machine: the matmul peak is the best of a few large square matmuls at the benchmark's precision,
+the read bandwidth the best of a few matrix-vector products over a matrix far larger than the caches (a gemv
+reads every byte once and does 2 FLOP per 4 bytes, so memory is its limit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, presets: list[str], default_preset: str) -> None:
+    """``--preset --device --dtype --threads --repeats --warmup --seed --json``, the same in every script."""
+    parser.add_argument("--preset", choices=presets, default=default_preset)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per path")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls per path first")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="results file (default: benchmarks/results/<name>.json)")
+
+
+def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device here; run on cpu")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+
+def synchronize(device: str | torch.device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], Any], device: str | torch.device = "cpu") -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def interleaved(
+    paths: dict[str, Callable[[], Any]], repeats: int, warmup: int, device: str | torch.device = "cpu"
+) -> dict[str, list[float]]:
+    """Seconds of each call of each path, the paths taking turns in every repeat so that load from other
+    processes falls on all of them alike."""
+    for _ in range(warmup):
+        for fn in paths.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(repeats):
+        for name, fn in paths.items():
+            times[name].append(timed(fn, device))
+    return times
+
+
+def median(times: list[float]) -> float:
+    return statistics.median(times)
+
+
+def matmul_peak_flops(device: str = "cpu", dtype: torch.dtype = torch.float32, size: int = 2048) -> float:
+    """FLOP/s of the best of five ``[size, size] @ [size, size]`` matmuls."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    a @ b
+    best = min(timed(lambda: a @ b, device) for _ in range(5))
+    return 2 * size**3 / best
+
+
+def read_bandwidth(device: str = "cpu", mib: int = 256) -> float:
+    """Bytes/s of the best of five fp32 matrix-vector products over a ``mib``-MiB matrix (it streams once)."""
+    columns = 4096
+    rows = mib * 2**20 // (4 * columns)
+    matrix = torch.randn(rows, columns, device=device)
+    vector = torch.randn(columns, device=device)
+    matrix @ vector
+    best = min(timed(lambda: matrix @ vector, device) for _ in range(5))
+    return matrix.numel() * 4 / best
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_facts(device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """What the figures were measured on, with its matmul peak and read bandwidth measured now."""
+    facts: dict[str, Any] = {
+        "device": device,
+        "cpu": cpu_model(),
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    if torch.device(device).type == "cuda":
+        facts["gpu"] = torch.cuda.get_device_name(device)
+    facts["matmul_peak_gflops"] = matmul_peak_flops(device, dtype) / 1e9
+    facts["read_bandwidth_gbs"] = read_bandwidth(device) / 1e9
+    return facts
+
+
+def write_results(name: str, payload: dict[str, Any], path: str | None = None) -> Path:
+    """``payload`` as JSON at ``path`` (default ``benchmarks/results/<name>.json``)."""
+    target = Path(path) if path else RESULTS / f"{name}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(payload, indent=2) + "\n")
+    return target
+
+
+def print_table(header: list[str], rows: list[list[Any]]) -> None:
+    """A small aligned table on stdout."""
+    cells = [header, *[[f"{c:.4g}" if isinstance(c, float) else str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
