@@ -98,6 +98,33 @@ def read_bandwidth(device: str = "cpu", mib: int = 256) -> float:
     return matrix.numel() * 4 / best
 
 
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def peak_memory_increase(fn: Callable[[], Any], device: str | torch.device = "cpu") -> int:
+    """Bytes the peak memory rises above what is in use before ``fn`` runs.
+
+    On CUDA: the allocator's peak. On CPU (Linux): the resident-set high-water mark, reset first by writing 5 to
+    ``/proc/self/clear_refs``, minus the resident set before; large tensors are mapped and unmapped whole, so
+    this follows their lifetimes, while small ones may reuse memory freed earlier and be undercounted.
+    """
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated(device) - before
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_kib("VmRSS")
+    fn()
+    return max(0, _status_kib("VmHWM") - before) * 1024
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

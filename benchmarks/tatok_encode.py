@@ -35,6 +35,9 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import peak_memory_increase  # noqa: E402
+
 from tarkit.registry import registry
 from tarkit.tatok import TATok
 
@@ -236,12 +239,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for name, fn in paths.items():
                 times[name].append(timed(fn))
 
+        # Peak memory of each encode path, each alone: the reference's [B*N, K] similarity and its softmax
+        # against tarkit's chunked nearest-code search.
+        memory = {name: peak_memory_increase(paths[name]) for name in ("tarkit", "baseline", "tower")}
+
     results = {name: summary(t, batch) for name, t in times.items()}
     for name, r in results.items():
         print(
             f"{name:9s} median {r['median_s']:.4f} s/batch  {r['images_per_s']:.4g} images/s  "
             f"(min {r['min_s']:.4f} s, {r['images_per_s_best']:.4g} images/s)"
         )
+    similarity_mib = batch * tatok.tokens_per_image(1) * preset["num_codes"] * 4 / 2**20
+    print(
+        "peak memory above the model: "
+        + ", ".join(f"{name} {memory[name] / 2**20:.0f} MiB" for name in memory)
+        + f" (the [B*N, K] similarity alone: {similarity_mib:.0f} MiB)"
+    )
     vs_tower = results["tarkit"]["median_s"] / results["tower"]["median_s"]
     ratio = results["tarkit"]["images_per_s"] / results["baseline"]["images_per_s"]
     print(f"tarkit time / tower-alone time: {vs_tower:.2f}x")
@@ -260,6 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "dim": preset["dim"],
         "agreement": agreement,
         "paths": results,
+        "peak_memory_bytes": memory,
         "tarkit_over_tower_time": vs_tower,
         "tarkit_over_baseline_throughput": ratio,
         # The same two figures from the fastest repeats: less sensitive to other processes on a shared machine.

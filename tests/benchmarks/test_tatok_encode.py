@@ -37,3 +37,6 @@ def test_tiny_run_reports_three_paths_and_the_ratio_last(capsys, tmp_path):
     assert report["agreement"] == 1.0
     assert any(line.startswith("sanity:") and "1.000000 of tokens" in line for line in lines)
     assert (tmp_path / "figures.json").is_file() and set(report["paths"]) == {"tarkit", "baseline", "tower"}
+    assert set(report["peak_memory_bytes"]) == {"tarkit", "baseline", "tower"}
+    assert all(isinstance(v, int) and v >= 0 for v in report["peak_memory_bytes"].values())
+    assert any(line.startswith("peak memory above the model: tarkit ") for line in lines)

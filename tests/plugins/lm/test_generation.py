@@ -378,6 +378,20 @@ def test_text_generation_never_emits_banned_ids():
         generate_text(BareLM(model), ids, mask, 4, eos_token_ids=[VOCAB.image_start], banned_token_ids=(100, 145))
 
 
+@pytest.mark.parametrize("banned", [(100, 145), (20, 60), (0, 30)], ids=["at the end", "inside", "at the start"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_text_logits_skip_the_banned_rows_and_equal_the_masked_full_head(banned, with_bias):
+    torch.manual_seed(0)
+    weight, hidden = torch.randn(145, 16), torch.randn(3, 16)
+    bias = torch.randn(145) if with_bias else None
+    plain = torch.nn.functional.linear(hidden, weight, bias)
+    plain[:, banned[0] : banned[1]] = float("-inf")  # what the head computed before: every row, then the mask
+    fast = generation._text_logits(hidden, weight, bias, banned)
+    assert fast.dtype == torch.float32
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    assert torch.equal(fast.isinf(), plain.isinf())
+
+
 # --- any LanguageModel: the interface is all generation uses -------------------------------------------------
 
 
