@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: demo test lint install clean
+.PHONY: demo test bench lint install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-tests
 	$(BIN)/python -m pytest -q
 	$(BIN)/ruff check .
+
+# Performance: every benchmark against its baseline (about 10 minutes on 2 CPU cores), a summary of the ratios
+# last; results in benchmarks/results/ (docs/performance.md). DEVICE=cuda runs them on a GPU.
+bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/run_all.py $(if $(DEVICE),--device $(DEVICE))
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

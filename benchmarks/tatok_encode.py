@@ -15,18 +15,18 @@ them alike:
 * ``tower``: the full-depth HF SigLIP tower alone, the floor any encode path has to pay.
 
 Usage: ``python benchmarks/tatok_encode.py [--preset paper|tiny] [--batch 2] [--repeats 3] [--warmup 1]
-[--threads N] [--dtype float32|bfloat16] [--json OUT]``. The last line printed is the tarkit/baseline
-throughput ratio; the line before it is tarkit against the tower alone.
+[--threads N] [--dtype float32|bfloat16] [--device cpu|cuda] [--json OUT]``. Results go to ``--json`` or
+``benchmarks/results/tatok_encode_<preset>_<dtype>_<device>.json``. A line reports each path's peak memory
+above the model (the reference's ``[B*N, K]`` similarity and softmax against tarkit's chunked search). The last
+line printed is the tarkit/baseline throughput ratio; the line before it is tarkit against the tower alone.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -36,7 +36,7 @@ from torch.nn import functional as F
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import peak_memory_increase  # noqa: E402
+from common import peak_memory_increase, timed, write_results  # noqa: E402
 
 from tarkit.registry import registry
 from tarkit.tatok import TATok
@@ -146,12 +146,6 @@ class ReferenceEncodePath(nn.Module):
         return {"indices": indices, "features": features, "similarity": cos}
 
 
-def timed(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def summary(times: list[float], batch: int) -> dict[str, float]:
     median = statistics.median(times)
     return {
@@ -178,6 +172,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "drops below 1: about 0.97 on tiny)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--json", default=None, help="write every figure to this file")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0:
@@ -193,13 +188,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
-    tatok = build_tatok(preset).to(dtype).eval()
-    tower = full_tower(tatok).to(dtype).eval()
+    tatok = build_tatok(preset).to(device=args.device, dtype=dtype).eval()
+    tower = full_tower(tatok).to(device=args.device, dtype=dtype).eval()
     baseline = ReferenceEncodePath(tower, tatok).eval()
     size = tatok.encoder.image_size
     # Already at the encoder's resolution, so neither path resizes (the reference's Resize(384) is a no-op too).
-    images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(args.seed)).to(dtype)
-    sampler = torch.Generator().manual_seed(args.seed)
+    images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(args.seed))
+    images = images.to(device=args.device, dtype=dtype)
+    sampler = torch.Generator(args.device).manual_seed(args.seed)
 
     print(
         f"setup: preset={args.preset} (encoder {preset['encoder']}, {tatok.tokens_per_image(1)} tokens/image, "
@@ -237,11 +233,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # Round-robin, so a slow spell from another process falls on every path rather than on one.
         for _ in range(args.repeats):
             for name, fn in paths.items():
-                times[name].append(timed(fn))
+                times[name].append(timed(fn, args.device))
 
         # Peak memory of each encode path, each alone: the reference's [B*N, K] similarity and its softmax
         # against tarkit's chunked nearest-code search.
-        memory = {name: peak_memory_increase(paths[name]) for name in ("tarkit", "baseline", "tower")}
+        memory = {name: peak_memory_increase(paths[name], args.device) for name in ("tarkit", "baseline", "tower")}
 
     results = {name: summary(t, batch) for name, t in times.items()}
     for name, r in results.items():
@@ -257,14 +253,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     vs_tower = results["tarkit"]["median_s"] / results["tower"]["median_s"]
     ratio = results["tarkit"]["images_per_s"] / results["baseline"]["images_per_s"]
-    print(f"tarkit time / tower-alone time: {vs_tower:.2f}x")
-    print(f"tarkit/baseline throughput ratio: {ratio:.2f}x")
 
     report = {
         "preset": args.preset,
         "batch": batch,
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
+        "device": args.device,
         "torch": torch.__version__,
         "repeats": args.repeats,
         "warmup": args.warmup,
@@ -280,9 +275,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "tarkit_over_tower_time_best": results["tarkit"]["min_s"] / results["tower"]["min_s"],
         "tarkit_over_baseline_throughput_best": results["baseline"]["min_s"] / results["tarkit"]["min_s"],
     }
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(report, out, indent=2)
+    path = write_results(f"tatok_encode_{args.preset}_{args.dtype}_{args.device}", report, args.json)
+    print(f"results: {path}")
+    print(f"tarkit time / tower-alone time: {vs_tower:.2f}x")
+    print(f"tarkit/baseline throughput ratio: {ratio:.2f}x")
     return report
 
 

@@ -1,0 +1,70 @@
+"""``make bench``: every benchmark at the sizes a 2-core CPU runs in about ten minutes, one after another, then a
+summary of each one's last line (its ratio or headline figure). Results land in ``benchmarks/results/``.
+
+Usage: ``python benchmarks/run_all.py [--device cpu|cuda] [--only NAME ...] [--list]``. On a GPU the larger
+presets run too (``GPU_EXTRA``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+# (name, script, arguments): the CPU suite. Each row is one run of one script; tokens and repeats are cut where
+# a full-size call would take minutes (the scripts say so in their tables).
+CPU_SUITE: list[tuple[str, str, list[str]]] = [
+    ("t2i_generate small", "t2i_generate.py", ["--preset", "small", "--repeats", "2"]),
+    ("t2i_generate 0.5b", "t2i_generate.py", ["--preset", "0.5b", "--tokens", "16", "--repeats", "1"]),
+    ("i2t_answer small", "i2t_answer.py", ["--preset", "small", "--repeats", "2"]),
+    ("i2t_answer 0.5b", "i2t_answer.py", ["--preset", "0.5b", "--tokens", "8", "--repeats", "1"]),
+    ("tatok_encode tiny", "tatok_encode.py", ["--preset", "tiny", "--repeats", "5"]),
+    ("tatok_encode paper", "tatok_encode.py", ["--preset", "paper", "--repeats", "1", "--warmup", "0"]),
+]
+GPU_EXTRA: list[tuple[str, str, list[str]]] = []
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--only", nargs="+", default=None, help="run only the rows whose name starts with these")
+    parser.add_argument("--list", action="store_true", help="print the rows and exit")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    suite = CPU_SUITE + (GPU_EXTRA if args.device.startswith("cuda") else [])
+    if args.only:
+        suite = [row for row in suite if any(row[0].startswith(prefix) for prefix in args.only)]
+    if args.list:
+        for name, script, arguments in suite:
+            print(f"{name}: {script} {' '.join(arguments)}")
+        return 0
+    summary, failed = [], 0
+    for name, script, arguments in suite:
+        command = [sys.executable, str(HERE / script), *arguments, "--device", args.device]
+        print(f"== {name}: {' '.join(command[1:])}", flush=True)
+        start = time.perf_counter()
+        run = subprocess.run(command, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        print(run.stdout, end="", flush=True)
+        if run.returncode:
+            failed += 1
+            last = f"FAILED (exit {run.returncode}): {run.stderr.strip().splitlines()[-1] if run.stderr else ''}"
+            print(run.stderr, end="", file=sys.stderr)
+        else:
+            last = run.stdout.strip().splitlines()[-1]
+        summary.append(f"{name} ({seconds:.0f} s): {last}")
+    print("== summary")
+    for line in summary:
+        print(line)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
