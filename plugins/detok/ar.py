@@ -282,29 +282,36 @@ class AutoregressiveDeTokenizer(DeTokenizer):
                 f"{tokens} condition tokens do not form a square grid, which rope2d positions and dense_condition need"
             )
 
-    def _rope(self, prefix: int, start: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(cos, sin)`` ``[length, head_dim / 2]`` of the 2D rotary angles at sequence positions ``start..``."""
+    def _rope(self, prefix: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(cos, sin)`` ``[prefix + n - 1, head_dim / 2]`` of the 2D rotary angles of every sequence position, or
+        None with absolute positions. Sampling computes it once and slices it at every step."""
+        if self.config.positions == "absolute":
+            return None
         side, grid = math.isqrt(prefix), self.vq.grid_size
         cells = (torch.arange(side, device=device, dtype=torch.float32) + 0.5) * grid / side - 0.5
         codes = torch.arange(self.num_image_tokens - 1, device=device)
-        rows = torch.cat([cells.repeat_interleave(side), (codes // grid).float()])[start : start + length]
-        cols = torch.cat([cells.repeat(side), (codes % grid).float()])[start : start + length]
+        rows = torch.cat([cells.repeat_interleave(side), (codes // grid).float()])
+        cols = torch.cat([cells.repeat(side), (codes % grid).float()])
         quarter = self.config.width // self.config.heads // 4
         freqs = self.config.rope_base ** (-torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
         angles = torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=-1)
         return angles.cos(), angles.sin()
 
     def _transformer(
-        self, h: torch.Tensor, prefix: int, start: int, caches: list[KVCache] | None = None
+        self,
+        h: torch.Tensor,
+        rope_table: tuple[torch.Tensor, torch.Tensor] | None,
+        start: int,
+        caches: list[KVCache] | None = None,
     ) -> torch.Tensor:
-        """Embedded tokens ``[B, L, width]`` at positions ``start..start+L-1`` of a sequence whose first ``prefix``
-        are condition tokens -> normalised hidden states."""
+        """Embedded tokens ``[B, L, width]`` at positions ``start..start+L-1`` (``rope_table``: :meth:`_rope` of the
+        sequence) -> normalised hidden states."""
         h = self.tok_dropout(h)
         rope = None
-        if self.config.positions == "absolute":
+        if rope_table is None:
             h = h + self.abs_pe[:, start : start + h.shape[1]]
         else:
-            rope = self._rope(prefix, start, h.shape[1], h.device)
+            rope = tuple(t[start : start + h.shape[1]] for t in rope_table)
         for i, layer in enumerate(self.layers):
             h = layer(h, start, None if caches is None else caches[i], rope)
         return self.norm(h)
@@ -327,7 +334,7 @@ class AutoregressiveDeTokenizer(DeTokenizer):
         dense = self._dense(condition)
         if dense is not None:  # the inputs at positions prefix - 1 + i predict code i
             h = torch.cat([h[:, : prefix - 1], h[:, prefix - 1 :] + dense[:, : codes.shape[1]]], dim=1)
-        return self.output(self._transformer(h, prefix, 0)[:, prefix - 1 :]).float()
+        return self.output(self._transformer(h, self._rope(prefix, h.device), 0)[:, prefix - 1 :]).float()
 
     def loss(self, condition: torch.Tensor, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Next-code cross-entropy of the images' VQ codes; in training each sample's condition is replaced by the
@@ -375,7 +382,8 @@ class AutoregressiveDeTokenizer(DeTokenizer):
         dense = self._dense(rows.to(dtype))
         if dense is not None:
             prefill = torch.cat([prefill[:, :-1], prefill[:, -1:] + dense[:, :1]], dim=1)
-        hidden = self._transformer(prefill, prefix, 0, caches)[:, -1]
+        rope_table = self._rope(prefix, rows.device)
+        hidden = self._transformer(prefill, rope_table, 0, caches)[:, -1]
         codes = []
         for step in range(self.num_image_tokens):
             logits = self.output(hidden).float()
@@ -388,7 +396,7 @@ class AutoregressiveDeTokenizer(DeTokenizer):
                 token = self.tok_embeddings(code.repeat(2) if guided else code)[:, None]
                 if dense is not None:
                     token = token + dense[:, step + 1 : step + 2]
-                hidden = self._transformer(token, prefix, prefix + step, caches)[:, -1]
+                hidden = self._transformer(token, rope_table, prefix + step, caches)[:, -1]
         return torch.stack(codes, dim=1)
 
     @torch.no_grad()
