@@ -10,10 +10,14 @@ reads every byte once and does 2 FLOP per 4 bytes, so memory is its limit).
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import platform
+import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -98,31 +102,67 @@ def read_bandwidth(device: str = "cpu", mib: int = 256) -> float:
     return matrix.numel() * 4 / best
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
+CLEAR_REFS, STATUS = Path("/proc/self/clear_refs"), Path("/proc/self/status")
+
+
+def _status_bytes(field: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` in bytes."""
+    for line in STATUS.read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"{STATUS} has no {field}")
+
+
+def _max_rss() -> int:
+    # ru_maxrss is in kilobytes on Linux, bytes on macOS.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+class PeakMemory:
+    """The most bytes held during a phase: resident memory on the CPU, allocated tensors on CUDA."""
+
+    def __init__(self, device: str):
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            self.method = "torch.cuda.max_memory_allocated"
+        else:
+            try:
+                CLEAR_REFS.write_text("5")
+                _status_bytes("VmHWM")
+                self.method = "VmHWM"
+            except OSError:
+                self.method = "ru_maxrss"
+
+    def start(self) -> int:
+        """Begin a phase: give freed memory back, reset the peak to what is held now, and return that."""
+        gc.collect()
+        if self.method == "torch.cuda.max_memory_allocated":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return torch.cuda.memory_allocated(self.device)
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass  # not glibc: freed pages the allocator keeps stay counted, so peaks read high
+        if self.method == "VmHWM":
+            CLEAR_REFS.write_text("5")
+            return _status_bytes("VmRSS")
+        return _max_rss()
+
+    def peak(self) -> int:
+        if self.method == "torch.cuda.max_memory_allocated":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device)
+        return _status_bytes("VmHWM") if self.method == "VmHWM" else _max_rss()
 
 
 def peak_memory_increase(fn: Callable[[], Any], device: str | torch.device = "cpu") -> int:
-    """Bytes the peak memory rises above what is in use before ``fn`` runs.
-
-    On CUDA: the allocator's peak. On CPU (Linux): the resident-set high-water mark, reset first by writing 5 to
-    ``/proc/self/clear_refs``, minus the resident set before; large tensors are mapped and unmapped whole, so
-    this follows their lifetimes, while small ones may reuse memory freed earlier and be undercounted.
-    """
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated(device) - before
-    Path("/proc/self/clear_refs").write_text("5")
-    before = _status_kib("VmRSS")
+    """Bytes the peak memory rises above what is held just before ``fn`` runs (see :class:`PeakMemory`)."""
+    memory = PeakMemory(str(device))
+    before = memory.start()
     fn()
-    return max(0, _status_kib("VmHWM") - before) * 1024
+    return max(0, memory.peak() - before)
 
 
 def cpu_model() -> str:

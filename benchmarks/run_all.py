@@ -22,10 +22,22 @@ CPU_SUITE: list[tuple[str, str, list[str]]] = [
     ("t2i_generate 0.5b", "t2i_generate.py", ["--preset", "0.5b", "--tokens", "16", "--repeats", "1"]),
     ("i2t_answer small", "i2t_answer.py", ["--preset", "small", "--repeats", "2"]),
     ("i2t_answer 0.5b", "i2t_answer.py", ["--preset", "0.5b", "--tokens", "8", "--repeats", "1"]),
+    ("ar_detok_sample tiny", "ar_detok_sample.py", ["--preset", "tiny", "--repeats", "3"]),
+    ("ar_detok_sample base", "ar_detok_sample.py", ["--preset", "base", "--repeats", "1", "--warmup", "0"]),
+    ("diffusion_detok_sample tiny", "diffusion_detok_sample.py", ["--preset", "tiny", "--repeats", "2"]),
     ("tatok_encode tiny", "tatok_encode.py", ["--preset", "tiny", "--repeats", "5"]),
     ("tatok_encode paper", "tatok_encode.py", ["--preset", "paper", "--repeats", "1", "--warmup", "0"]),
+    ("scaling small", "scaling.py", ["--preset", "small", "--repeats", "1"]),
+    ("memory qwen2.5-1.5b", "memory.py", ["--preset", "qwen2.5-1.5b", "--tokens", "2"]),
+    ("train_step tiny", "train_step.py", ["--preset", "tiny", "--repeats", "2"]),
+    ("train_step small", "train_step.py", ["--preset", "small", "--repeats", "1", "--warmup", "0"]),
 ]
-GPU_EXTRA: list[tuple[str, str, list[str]]] = []
+# What a GPU runs on top: the full-size rows the CPU suite cuts.
+GPU_EXTRA: list[tuple[str, str, list[str]]] = [
+    ("t2i_generate 0.5b full", "t2i_generate.py", ["--preset", "0.5b", "--tokens", "256", "--repeats", "3"]),
+    ("diffusion_detok_sample base", "diffusion_detok_sample.py", ["--preset", "base", "--repeats", "2"]),
+    ("t2i_generate 0.5b bf16", "t2i_generate.py", ["--preset", "0.5b", "--dtype", "bfloat16", "--repeats", "3"]),
+]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
