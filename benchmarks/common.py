@@ -3,8 +3,8 @@ the results file ``benchmarks/results/<name>.json``.
 
 The limits are measured, not quoted from a data sheet, so that a ratio to them means the same thing on a shared
 or throttled machine: the matmul peak is the best of a few large square matmuls at the benchmark's precision,
-the read bandwidth the best of a few matrix-vector products over a matrix far larger than the caches (a gemv
-reads every byte once and does 2 FLOP per 4 bytes, so memory is its limit).
+the read bandwidth the fastest of a few streaming reads of a matrix far larger than the caches (a sum, a gemv and
+a two-column product each read every byte once and do at most 4 FLOP per 4 bytes, so memory is their limit).
 """
 
 from __future__ import annotations
@@ -92,13 +92,15 @@ def matmul_peak_flops(device: str = "cpu", dtype: torch.dtype = torch.float32, s
 
 
 def read_bandwidth(device: str = "cpu", mib: int = 256) -> float:
-    """Bytes/s of the best of five fp32 matrix-vector products over a ``mib``-MiB matrix (it streams once)."""
+    """Bytes/s of the fastest of three reads of a ``mib``-MiB fp32 matrix, each the best of five: a sum, a
+    matrix-vector product and a product with two columns (on some CPUs the BLAS gemv streams at half the rate
+    its two-column GEMM does, so the gemv alone would put the floor too low)."""
     columns = 4096
     rows = mib * 2**20 // (4 * columns)
     matrix = torch.randn(rows, columns, device=device)
-    vector = torch.randn(columns, device=device)
-    matrix @ vector
-    best = min(timed(lambda: matrix @ vector, device) for _ in range(5))
+    vector, pair = torch.randn(columns, device=device), torch.randn(2, columns, device=device).t()
+    reads = (matrix.sum, lambda: matrix @ vector, lambda: torch.mm(matrix, pair))
+    best = min(timed(read, device) for read in reads for _ in range(5))
     return matrix.numel() * 4 / best
 
 

@@ -6,7 +6,7 @@ on the same random-weight Qwen2 (shapes of ``t2i_generate.py``), greedily, with 
 banned from the answer and no early stop (``min_new_tokens``), so that both produce exactly ``--tokens`` tokens:
 
 * ``tarkit``: :func:`tarkit_plugins.lm.generation.generate_text` over the LM's incremental decoder.
-* ``hf``: ``model.generate`` with a logits processor that bans the same ids.
+* ``hf``: ``model.generate`` (its linears plain ``nn.Linear``) with a logits processor that bans the same ids.
 
 Time to first token is one call with ``max_new_tokens=1`` (the prefill of the ~760-token prompt and one pick);
 decoding speed is ``(tokens - 1) / (t(tokens) - t(1))``. The ``sanity:`` line compares the greedy answers.
@@ -36,7 +36,7 @@ from common import (  # noqa: E402
     print_table,
     write_results,
 )
-from t2i_generate import PRESETS, build_lm  # noqa: E402
+from t2i_generate import PRESETS, build_lm, plain_linears  # noqa: E402
 
 from tarkit.prompts import image_ids, user_prefix  # noqa: E402
 from tarkit_plugins.lm.generation import generate_text  # noqa: E402
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     @torch.inference_mode()
     def hf(tokens: int) -> list[int]:
-        out = lm.model.generate(
+        out = plain_linears(lm.model).generate(
             input_ids=prompt, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
             logits_processor=processor, pad_token_id=tok.pad_token_id, eos_token_id=None,
         )

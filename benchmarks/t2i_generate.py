@@ -5,11 +5,13 @@ Both paths sample the same image span from the same random-weight Qwen2 (the rea
 ``<im_start>``, ``<im_end>``, ``<S0>..<S2>`` and 65,536 image tokens) with the reference's sampling
 (temperature 1, top-k 1200, top-p 0.95) at one precision:
 
-* ``tarkit``: :func:`tarkit_plugins.lm.generation.generate_image_codes`: the LM's incremental decoder, logits
-  of the head's image rows only, guidance as one batch of 2B rows.
-* ``hf``: ``model.generate`` after the same ``<im_start><S0>`` prompt, a logits processor that leaves only the
-  image tokens, ``min_new_tokens = max_new_tokens``; guidance is Hugging Face's own ``guidance_scale`` with the
-  unconditional prompt as ``negative_prompt_ids`` (a second, unbatched forward per step).
+* ``tarkit``: :func:`tarkit_plugins.lm.generation.generate_image_codes`: the LM's incremental decoder (its
+  linears through :mod:`tarkit_plugins.lm.skinny_linear`), logits of the head's image rows only, guidance as one
+  batch of 2B rows.
+* ``hf``: ``model.generate`` (its linears plain ``nn.Linear``) after the same ``<im_start><S0>`` prompt, a
+  logits processor that leaves only the image tokens, ``min_new_tokens = max_new_tokens``; guidance is Hugging
+  Face's own ``guidance_scale`` with the unconditional prompt as ``negative_prompt_ids`` (a second, unbatched
+  forward per step).
 
 Before timing, greedy decoding of a few tokens checks that both paths pick the same tokens (the ``sanity:``
 line). The bandwidth floor of a step is the bytes tarkit must read per step (every decoder weight and the
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,6 +47,7 @@ from common import (  # noqa: E402
 
 from tarkit.prompts import user_prefix  # noqa: E402
 from tarkit_plugins.lm.generation import generate_image_codes  # noqa: E402
+from tarkit_plugins.lm.skinny_linear import SkinnyLinear  # noqa: E402
 from tarkit_plugins.lms import HFCausalLM  # noqa: E402
 from tarkit_plugins.pipelines import left_pad  # noqa: E402
 
@@ -72,6 +76,15 @@ class ImageTokensOnly(LogitsProcessor):
         scores[:, : self.start] = float("-inf")
         scores[:, self.end :] = float("-inf")
         return scores
+
+
+def plain_linears(model: nn.Module) -> nn.Module:
+    """The model as Hugging Face runs it: tarkit's decoder turns its linears into ``SkinnyLinear`` (the same
+    weights, a faster kernel for 1-4 rows on CPU) when it decodes; the baseline gets them back as ``nn.Linear``."""
+    for module in model.modules():
+        if type(module) is SkinnyLinear:
+            module.__class__ = nn.Linear
+    return model
 
 
 def build_lm(preset: dict[str, Any], dtype: torch.dtype, device: str, seed: int) -> HFCausalLM:
@@ -127,7 +140,7 @@ class Row:
              "negative_prompt_attention_mask": self.hf_uncond_mask}
             if self.cfg != 1 else {}
         )
-        out = self.lm.model.generate(
+        out = plain_linears(self.lm.model).generate(
             input_ids=self.hf_ids, attention_mask=self.hf_mask, max_new_tokens=tokens, min_new_tokens=tokens,
             logits_processor=self.processor, pad_token_id=self.lm.tokenizer.pad_token_id, eos_token_id=None,
             **sampling, **guidance,

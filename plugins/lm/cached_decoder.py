@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from tarkit.interfaces import IncrementalDecoder
+from tarkit_plugins.lm.skinny_linear import use_skinny_linears
 
 
 class HFCachedDecoder(IncrementalDecoder):
@@ -27,7 +28,8 @@ class HFCachedDecoder(IncrementalDecoder):
     """
 
     def __init__(self, model: nn.Module, attention_mask: torch.Tensor) -> None:
-        self.base = base_model(model)
+        # Decoding runs its linears on a few rows (guidance doubles a batch of 1 or 2): see skinny_linear.
+        self.base = use_skinny_linears(base_model(model))
         self.cache_kwarg = cache_keyword(self.base)
         self.mask = attention_mask.long()
         self.next_position = self.mask.sum(dim=-1)  # [R]: real tokens seen so far

@@ -1,0 +1,50 @@
+"""Linear layers on a few rows at a time, the shape of decoding with guidance (a batch of 1 or 2, doubled).
+
+On CPU, MKL is slow for 1-4 rows against a large weight: on the 2-core EPYC this project is measured on,
+``F.linear(x [2, 896], W [4864, 896])`` streams ``W`` at ~8 GB/s and one row (a gemv) at ~17, where
+``torch.mm(W, x.T)`` over two or more rows, the same products and sums with the weight as the left operand,
+reaches ~34 GB/s (``docs/performance.md``). Many rows (a real GEMM) and GPUs keep ``F.linear``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+SKINNY_ROWS = range(1, 5)
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, through ``torch.mm(weight, x.T)`` when ``x`` has 1-4 rows on CPU.
+
+    One row goes in twice (its copy's result is dropped): MKL runs a single row as a gemv, ~17 GB/s here, and
+    two as a GEMM that streams the same weight at ~34 GB/s. The output is made contiguous, since a transposed
+    result would send the next layer's product down a slower kernel.
+    """
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if rows not in SKINNY_ROWS or weight.device.type != "cpu":
+        return F.linear(x, weight, bias)
+    flat = x.reshape(rows, -1)
+    if rows == 1:
+        flat = torch.cat([flat, flat])
+    out = torch.mm(weight, flat.contiguous().t()).t()[:rows].contiguous()
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class SkinnyLinear(nn.Linear):
+    """An ``nn.Linear`` whose forward is :func:`skinny_linear`: same parameters, state dict and results."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return skinny_linear(x, self.weight, self.bias)
+
+
+def use_skinny_linears(module: nn.Module) -> nn.Module:
+    """Make every plain ``nn.Linear`` under ``module`` a :class:`SkinnyLinear`, in place (its class only: the
+    parameters, hooks and state-dict keys stay as they are), and return ``module``."""
+    for child in module.modules():
+        if type(child) is nn.Linear:
+            child.__class__ = SkinnyLinear
+    return module
