@@ -62,6 +62,7 @@ from common import (  # noqa: E402
     print_table,
     write_results,
 )
+from t2i_generate import plain_linears  # noqa: E402
 
 from tarkit_plugins.detok.ar import Attention, AutoregressiveDeTokenizer, rotate  # noqa: E402
 from tarkit_plugins.detok.pixel_vq import PixelVQ  # noqa: E402
@@ -249,6 +250,7 @@ class Row:
 
     @torch.inference_mode()
     def llamagen(self, greedy: bool = False) -> torch.Tensor:
+        plain_linears(self.model)  # the reference's loop runs nn.Linear; tarkit's sampling turns them skinny
         return self.loop.sample_codes(self.condition, self.cfg, *self.settings(greedy))
 
 

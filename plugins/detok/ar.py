@@ -49,6 +49,7 @@ from tarkit.presets import preset_values
 from tarkit.pretrained import PretrainedLoadError, check_state_dict, part_config
 from tarkit_plugins.detok.pixel_vq import PixelVQ, load_pixel_vq
 from tarkit_plugins.lm.generation import sample_next
+from tarkit_plugins.lm.skinny_linear import use_skinny_linears
 
 POSITIONS = ("absolute", "rope2d")
 
@@ -368,6 +369,7 @@ class AutoregressiveDeTokenizer(DeTokenizer):
         ``top_p`` filter as :func:`tarkit_plugins.lm.generation.sample_next` does (the reference: 1.0, off, off).
         """
         self._check_condition(condition)
+        use_skinny_linears(self)  # each step runs the linears on a few rows (tarkit_plugins.lm.skinny_linear)
         guided = cfg_scale != 1.0
         rows = torch.cat([condition, torch.zeros_like(condition)]) if guided else condition
         batch, prefix = rows.shape[:2]
