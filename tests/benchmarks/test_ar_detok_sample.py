@@ -1,38 +1,23 @@
 """The AR de-tokenizer sampling benchmark runs end to end on the tiny preset and reports what its docstring says."""
 
-import importlib.util
 import json
 import re
-from pathlib import Path
 
-import torch
+from .helpers import run_script
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "ar_detok_sample.py"
+SCRIPT = "ar_detok_sample.py"
 ROW_KEYS = {
     "batch", "cfg", "codes", "greedy_agreement", "tarkit_codes_per_s", "llamagen_codes_per_s", "tarkit_ms_per_step",
     "llamagen_ms_per_step", "speedup", "times_s",
 }
 
 
-def load_benchmark():
-    # benchmarks/ is a folder of scripts, not a package, so the script is imported from its path.
-    spec = importlib.util.spec_from_file_location("ar_detok_sample_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_tiny_run_reports_both_loops_greedy_agreement_and_the_ratio_last(capsys, tmp_path):
-    benchmark = load_benchmark()
-    threads = torch.get_num_threads()
-    try:
-        # One thread: the test checks the report, not speed. One batch size; both guidance scales, since cfg 3 is
-        # the doubled batch. Top-k and top-p on, so that LlamaGen's filter runs too (greedy decoding skips it).
-        arguments = ["--preset", "tiny", "--batches", "1", "--cfg", "1", "3", "--top-k", "20", "--top-p", "0.9"]
-        arguments += ["--repeats", "1", "--warmup", "0", "--threads", "1", "--json", str(tmp_path / "figures.json")]
-        report = benchmark.main(arguments)
-    finally:
-        torch.set_num_threads(threads)  # main sets the process-wide thread count; later tests expect theirs
+    # One thread: the test checks the report, not speed. One batch size; both guidance scales, since cfg 3 is
+    # the doubled batch. Top-k and top-p on, so that LlamaGen's filter runs too (greedy decoding skips it).
+    arguments = ["--preset", "tiny", "--batches", "1", "--cfg", "1", "3", "--top-k", "20", "--top-p", "0.9"]
+    arguments += ["--repeats", "1", "--warmup", "0", "--threads", "1", "--json", str(tmp_path / "figures.json")]
+    report = run_script(SCRIPT, arguments)
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("machine: ") and lines[1].startswith("model: tiny, ")
     assert re.match(r"batch\s+cfg\s+tarkit codes/s\s+llamagen codes/s\s+tarkit ms/step\s+llamagen ms/step", lines[2])

@@ -1,37 +1,22 @@
 """The diffusion de-tokenizer sampling benchmark runs end to end on the tiny preset and reports what its docstring
 says."""
 
-import importlib.util
 import json
 import re
-from pathlib import Path
 
-import torch
+from .helpers import run_script
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "diffusion_detok_sample.py"
+SCRIPT = "diffusion_detok_sample.py"
 ROW_KEYS = {
     "batch", "cfg", "steps", "same_seed_agreement", "finite", "images_per_s", "s_per_step", "s_per_call", "times_s",
 }
 
 
-def load_benchmark():
-    # benchmarks/ is a folder of scripts, not a package, so the script is imported from its path.
-    spec = importlib.util.spec_from_file_location("diffusion_detok_sample_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_tiny_run_reports_every_row_determinism_and_the_headline_last(capsys, tmp_path):
-    benchmark = load_benchmark()
-    threads = torch.get_num_threads()
-    try:
-        # One thread: the test checks the report, not speed. One and two steps instead of the preset's 5/10/20.
-        arguments = ["--preset", "tiny", "--steps", "1", "2", "--batches", "1", "2", "--cfg", "1", "3"]
-        arguments += ["--repeats", "1", "--warmup", "0", "--threads", "1", "--json", str(tmp_path / "figures.json")]
-        report = benchmark.main(arguments)
-    finally:
-        torch.set_num_threads(threads)  # main sets the process-wide thread count; later tests expect theirs
+    # One thread: the test checks the report, not speed. One and two steps instead of the preset's 5/10/20.
+    arguments = ["--preset", "tiny", "--steps", "1", "2", "--batches", "1", "2", "--cfg", "1", "3"]
+    arguments += ["--repeats", "1", "--warmup", "0", "--threads", "1", "--json", str(tmp_path / "figures.json")]
+    report = run_script(SCRIPT, arguments)
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("machine: ") and lines[1].startswith("model: tiny, ")
     assert re.fullmatch(r"batch\s+cfg\s+steps\s+s/call\s+s/step\s+images/s", lines[2])

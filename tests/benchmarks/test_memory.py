@@ -1,32 +1,17 @@
 """The memory benchmark runs end to end on the tiny preset and reports what its docstring promises."""
 
-import importlib.util
 import json
 import re
-from pathlib import Path
 
-import torch
+from .helpers import run_script
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "memory.py"
-
-
-def load_benchmark():
-    # benchmarks/ is a folder of scripts, not a package, so the script is imported from its path.
-    spec = importlib.util.spec_from_file_location("memory_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+SCRIPT = "memory.py"
 
 
 def test_tiny_run_reports_both_precisions_and_the_peaks_last(capsys, tmp_path):
-    benchmark = load_benchmark()
-    threads = torch.get_num_threads()
-    try:
-        # One thread: the test checks the report, not speed (see test_tatok_encode).
-        arguments = ["--preset", "tiny", "--tokens", "2", "--threads", "1"]
-        report = benchmark.main([*arguments, "--json", str(tmp_path / "figures.json")])
-    finally:
-        torch.set_num_threads(threads)  # main sets the process-wide thread count; later tests expect theirs
+    # One thread: the test checks the report, not speed (see test_tatok_encode).
+    arguments = ["--preset", "tiny", "--tokens", "2", "--threads", "1"]
+    report = run_script(SCRIPT, [*arguments, "--json", str(tmp_path / "figures.json")])
     lines = capsys.readouterr().out.strip().splitlines()
     for name in ("fp32", "bf16"):
         assert any(re.fullmatch(rf"{name}(\s+[0-9.e+-]+){{5}}", line) for line in lines), name

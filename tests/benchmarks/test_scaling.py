@@ -1,35 +1,20 @@
 """The scaling benchmark runs end to end on the tiny preset and reports what its docstring promises."""
 
-import importlib.util
 import json
 import re
-from pathlib import Path
 
-import torch
+from .helpers import run_script
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "scaling.py"
-
-
-def load_benchmark():
-    # benchmarks/ is a folder of scripts, not a package, so the script is imported from its path.
-    spec = importlib.util.spec_from_file_location("scaling_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+SCRIPT = "scaling.py"
 
 
 def test_tiny_run_reports_three_scales_a_plot_and_the_ratios_last(capsys, tmp_path):
-    benchmark = load_benchmark()
-    threads = torch.get_num_threads()
-    try:
-        # One thread: the test checks the report, not speed (see test_tatok_encode). Four T2I tokens per image
-        # exercise the extrapolation to 729/169/81.
-        arguments = ["--preset", "tiny", "--repeats", "1", "--warmup", "0", "--threads", "1",
-                     "--t2i-tokens-measured", "4", "--answer-tokens", "2"]
-        report = benchmark.main([*arguments, "--json", str(tmp_path / "figures.json"),
-                                 "--plot", str(tmp_path / "scaling.png")])
-    finally:
-        torch.set_num_threads(threads)  # main sets the process-wide thread count; later tests expect theirs
+    # One thread: the test checks the report, not speed (see test_tatok_encode). Four T2I tokens per image
+    # exercise the extrapolation to 729/169/81.
+    arguments = ["--preset", "tiny", "--repeats", "1", "--warmup", "0", "--threads", "1",
+                 "--t2i-tokens-measured", "4", "--answer-tokens", "2"]
+    report = run_script(SCRIPT, [*arguments, "--json", str(tmp_path / "figures.json"),
+                             "--plot", str(tmp_path / "scaling.png")])
     lines = capsys.readouterr().out.strip().splitlines()
     number = r"[0-9.e+-]+"
     for count in (729, 169, 81):

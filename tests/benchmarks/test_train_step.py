@@ -1,35 +1,21 @@
 """The training-step benchmark runs end to end on the tiny preset and reports what its docstring promises."""
 
-import importlib.util
 import json
 import re
-from pathlib import Path
 
 import pytest
-import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "train_step.py"
+from .helpers import run_script
+
+SCRIPT = "train_step.py"
 NUMBER = r"[0-9.]+(?:e[+-][0-9]+)?"
 
 
-def load_benchmark():
-    # benchmarks/ is a folder of scripts, not a package, so the script is imported from its path.
-    spec = importlib.util.spec_from_file_location("train_step_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_tiny_run_reports_a_row_per_module_and_the_lm_share_last(capsys, tmp_path):
-    benchmark = load_benchmark()
-    threads = torch.get_num_threads()
-    try:
-        # The two cheapest modules, one timed step each, one thread: the test checks the report, not speed.
-        arguments = ["--preset", "tiny", "--modules", "pixel_vq", "unified_lm", "--steps", "1", "--repeats", "1",
-                     "--warmup", "0", "--threads", "1"]
-        report = benchmark.main([*arguments, "--json", str(tmp_path / "figures.json")])
-    finally:
-        torch.set_num_threads(threads)  # main sets the process-wide thread count; later tests expect theirs
+    # The two cheapest modules, one timed step each, one thread: the test checks the report, not speed.
+    arguments = ["--preset", "tiny", "--modules", "pixel_vq", "unified_lm", "--steps", "1", "--repeats", "1",
+                 "--warmup", "0", "--threads", "1"]
+    report = run_script(SCRIPT, [*arguments, "--json", str(tmp_path / "figures.json")])
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("machine:") and "matmul peak" in lines[0]
     # module, batch (the recipes'), trainable M, GFLOP/step, s/step, samples/s, GFLOP/s, share of peak
