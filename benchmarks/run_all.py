@@ -20,6 +20,7 @@ HERE = Path(__file__).resolve().parent
 CPU_SUITE: list[tuple[str, str, list[str]]] = [
     ("t2i_generate small", "t2i_generate.py", ["--preset", "small", "--repeats", "2"]),
     ("t2i_generate 0.5b", "t2i_generate.py", ["--preset", "0.5b", "--tokens", "16", "--repeats", "1"]),
+    ("t2i_generate small bf16", "t2i_generate.py", ["--preset", "small", "--dtype", "bfloat16", "--repeats", "2"]),
     ("i2t_answer small", "i2t_answer.py", ["--preset", "small", "--repeats", "2"]),
     ("i2t_answer 0.5b", "i2t_answer.py", ["--preset", "0.5b", "--tokens", "8", "--repeats", "1"]),
     ("ar_detok_sample tiny", "ar_detok_sample.py", ["--preset", "tiny", "--repeats", "3"]),

@@ -107,6 +107,20 @@ def streamed_bytes(lm: HFCausalLM) -> int:
     return decoder + lm.vocab.num_codes * head.shape[1] * head.element_size()
 
 
+@torch.inference_mode()
+def precision_agreement(lm: HFCausalLM, reference: HFCausalLM, tokens: int, seed: int) -> float:
+    """Share of the image positions where ``lm`` (e.g. bf16) picks the same next code as ``reference`` (fp32),
+    both reading the reference's own greedy image, so that one early difference does not shift every later one.
+    On random weights the image logits lie close together, so this reads lower than on a trained model."""
+    row = Row(reference, 1, 1.0, tokens, seed)
+    codes = row.tarkit(greedy=True)
+    ids = torch.cat([row.hf_ids, reference.vocab.codes_to_ids(codes)], dim=1)
+    rows = slice(reference.vocab.image_start, reference.vocab.image_end)
+    span = slice(row.hf_ids.shape[1] - 1, -1)  # the positions that predict the image's codes
+    picks = [model(ids)[0, span, rows].argmax(-1) for model in (lm, reference)]
+    return (picks[0] == picks[1]).float().mean().item()
+
+
 class Row:
     """One (batch, guidance) row: the prompts and both paths' calls."""
 
@@ -193,6 +207,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  "greedy agree"], rows)
     print(f"sanity: greedy tokens agree on {min(r['greedy_agreement'] for r in results):.6f} of tokens (1.0 expected)")
     payload = {"benchmark": "t2i_generate", "preset": args.preset, "machine": facts, "rows": results}
+    if dtype != torch.float32:
+        reference = build_lm(preset, torch.float32, args.device, args.seed)  # the same weights before the cast
+        payload["fp32_agreement"] = precision_agreement(lm, reference, tokens, args.seed)
+        del reference
+        print(f"{args.dtype} against fp32: the same next code at {payload['fp32_agreement']:.3f} of image positions")
     path = write_results(f"t2i_generate_{args.preset}_{args.dtype}_{args.device}", payload, args.json)
     print(f"results: {path}")
     print(f"tarkit/hf speed ratio (lowest row): {min(r['speedup'] for r in results):.2f}x")

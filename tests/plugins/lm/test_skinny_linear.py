@@ -33,6 +33,11 @@ def test_one_to_sixteen_rows_take_the_weight_as_left_operand_and_one_row_goes_in
     assert calls == [((30, 8), (8, 2)), ((30, 8), (8, 2)), ((30, 8), (8, 4))]  # not 17 rows
 
 
+def test_bf16_keeps_f_linear(monkeypatch):
+    monkeypatch.setattr(skinny.torch, "mm", lambda a, b: pytest.fail("bf16 went through torch.mm"))
+    skinny_linear(torch.randn(2, 8, dtype=torch.bfloat16), torch.randn(30, 8, dtype=torch.bfloat16))
+
+
 def test_use_skinny_linears_changes_classes_only():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
