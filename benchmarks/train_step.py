@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from lightning.pytorch.utilities import move_data_to_device
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
@@ -94,19 +95,20 @@ PRESETS: dict[str, dict[str, Any]] = {
                      "num_key_value_heads": 2}},
 }
 
-# The recipes' data (ShapesWorld at 64 px) and run lengths (max_steps sets the warm-up + cosine schedule).
-DATA: dict[str, dict[str, Any]] = {
-    "siglip_teacher": {"batch_size": 64, "task_ratios": {"i2t": 1.0}, "pope_fraction": 0.0},
-    "tatok": {"batch_size": 64, "task_ratios": {"i2t": 1.0, "t2i": 1.0}},
-    "pixel_vq": {"batch_size": 16, "task_ratios": {"i2t": 1.0, "t2i": 1.0}},
-    "detok": {"batch_size": 16, "task_ratios": {"i2t": 1.0, "t2i": 1.0}},
-    "unified_lm": {"batch_size": 32, "task_ratios": {"i2t": 1.0, "t2i": 1.0, "i2i": 0.25, "ti2i": 0.25}},
-}
+# What each module's recipe sets that a step depends on: its data (ShapesWorld: batch size, task mix), its run
+# length (max_steps sets the warm-up + cosine schedule) and the pixel VQ's changes to its tiny preset.
+RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "tiny"
+RECIPE_FILES = {"siglip_teacher": "teacher.yaml", "tatok": "tatok.yaml", "pixel_vq": "pixel_vq.yaml",
+                "detok": "ar_detok.yaml", "unified_lm": "lm.yaml"}
+DATA_KEYS = ("image_size", "batch_size", "task_ratios", "pope_fraction")
+
+
+def recipe(name: str) -> dict[str, Any]:
+    return yaml.safe_load((RECIPES / RECIPE_FILES[name]).read_text())
+
+
 # The pool scale of every step: the recipes' most frequent (see the module docstring); the others have none.
 SCALES = {"tatok": 1, "detok": 1, "unified_lm": 2}
-MAX_STEPS = {"siglip_teacher": 800, "tatok": 600, "pixel_vq": 1200, "detok": 600, "unified_lm": 600}
-# recipes/tiny/pixel_vq.yaml's changes to the tiny preset: 4x downsampling to 16 x 16 codes of 256
-PIXEL_VQ = {"channel_mult": [1, 2, 2], "codebook_size": 256, "dead_code_threshold": 0.03, "restart_from": "error"}
 
 aten = torch.ops.aten
 # FlopCounterMode knows the CUDA attention kernels only; SDPA on CPU runs these, with the same arguments first.
@@ -135,7 +137,7 @@ def tatok_parts(preset: dict[str, Any]) -> dict[str, Any]:
 
 def build_module(name: str, preset: dict[str, Any], scratch: Path) -> TarkitModule:
     """The module ``name`` as its recipe builds it, at the preset's shapes, frozen folders under ``scratch``."""
-    vq_config = {**PIXEL_VQ, **preset["vq"]}
+    vq_config = {**recipe("pixel_vq")["model"]["init_args"]["config"], **preset["vq"]}
     if name == "siglip_teacher":
         encoder = SigLIP2Encoder("tiny", preset["encoder"], select_layer=-1)
         width = preset["embed_dim"]
@@ -167,8 +169,9 @@ def build_module(name: str, preset: dict[str, Any], scratch: Path) -> TarkitModu
 
 def recipe_batch(name: str, seed: int) -> dict[str, Any]:
     """One batch of the module's recipe datamodule."""
-    data = DATA[name]
-    datamodule = ShapesWorldDataModule(image_size=64, train_size=data["batch_size"], val_size=1, seed=seed, **data)
+    recipe_data = recipe(name)["data"]["init_args"]
+    data = {key: recipe_data[key] for key in DATA_KEYS if key in recipe_data}
+    datamodule = ShapesWorldDataModule(train_size=data["batch_size"], val_size=1, seed=seed, **data)
     return next(iter(datamodule.train_dataloader()))
 
 
@@ -187,7 +190,7 @@ class TrainStep:
         self.batch = move_data_to_device(batch, torch.device(device))
         self.batch_size = len(batch["task"])
         self.device_type, self.dtype = torch.device(device).type, dtype
-        module.trainer = ScheduleLength(MAX_STEPS[name])
+        module.trainer = ScheduleLength(recipe(name)["trainer"]["max_steps"])
         optimisation = module.configure_optimizers()
         # Detached again, self.log returns after checking its value: Lightning's path for a step without a Trainer.
         module.trainer = None
