@@ -58,6 +58,7 @@ from common import (  # noqa: E402
     check_common_arguments,
     interleaved,
     machine_facts,
+    machine_line,
     median,
     print_table,
     write_results,
@@ -277,8 +278,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = build_model(preset, dtype, args.device, args.seed)
     codes = model.num_image_tokens
     gpt = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("vq."))
-    print(f"machine: {facts['cpu']}, {facts['threads']} threads, torch {facts['torch']}, {args.dtype}; "
-          f"matmul peak {facts['matmul_peak_gflops']:.0f} GFLOP/s, read {facts['read_bandwidth_gbs']:.1f} GB/s")
+    print(machine_line(facts))
     print(f"model: {args.preset}, {gpt / 1e6:.1f}M parameters (VQ aside), {model.config.positions} positions; "
           f"{codes} codes per image of {model.vq.codebook_size}, after {preset['condition_tokens']} condition tokens; "
           f"top-k {args.top_k or 'off'}, top-p {args.top_p if args.top_p < 1 else 'off'}")

@@ -194,6 +194,14 @@ def machine_facts(device: str = "cpu", dtype: torch.dtype = torch.float32) -> di
     return facts
 
 
+def machine_line(facts: dict[str, Any]) -> str:
+    """The first line every benchmark prints: what it ran on and the limits measured in the run."""
+    return (
+        f"machine: {facts['cpu']}, {facts['threads']} threads, torch {facts['torch']}, {facts['dtype']}; "
+        f"matmul peak {facts['matmul_peak_gflops']:.0f} GFLOP/s, read {facts['read_bandwidth_gbs']:.1f} GB/s"
+    )
+
+
 def write_results(name: str, payload: dict[str, Any], path: str | None = None) -> Path:
     """``payload`` as JSON at ``path`` (default ``benchmarks/results/<name>.json``)."""
     target = Path(path) if path else RESULTS / f"{name}.json"

@@ -44,6 +44,7 @@ from common import (  # noqa: E402
     check_common_arguments,
     interleaved,
     machine_facts,
+    machine_line,
     median,
     print_table,
     write_results,
@@ -101,8 +102,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     facts = machine_facts(args.device, dtype)
     model = build_model(args.preset, dtype, args.device, args.seed)
     resolved = model.resolved_config()
-    print(f"machine: {facts['cpu']}, {facts['threads']} threads, torch {facts['torch']}, {args.dtype}; "
-          f"matmul peak {facts['matmul_peak_gflops']:.0f} GFLOP/s, read {facts['read_bandwidth_gbs']:.1f} GB/s")
+    print(machine_line(facts))
     print(f"model: {args.preset}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
           f"{resolved['backbone']} on {model.image_size} px, {resolved['scheduler']} ({model.num_steps} steps by "
           f"default); {preset['condition_tokens']} condition tokens of width {preset['condition_dim']}")

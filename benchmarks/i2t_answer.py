@@ -32,6 +32,7 @@ from common import (  # noqa: E402
     check_common_arguments,
     interleaved,
     machine_facts,
+    machine_line,
     median,
     print_table,
     write_results,
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for path in ("tarkit", "hf"):
         first, total = times[f"{path}_first"], times[f"{path}_all"]
         figures[path] = {"ttft_s": first, "decode_tokens_per_s": (args.tokens - 1) / max(total - first, 1e-9)}
-    print(f"machine: {facts['cpu']}, {facts['threads']} threads, torch {facts['torch']}, {args.dtype}")
+    print(machine_line(facts))
     print(f"prompt: {prompt.shape[1]} tokens ({args.image_tokens} image tokens); answer: {args.tokens} tokens")
     print_table(
         ["path", "time to first token s", "decode tokens/s"],

@@ -46,6 +46,7 @@ from common import (  # noqa: E402
     check_common_arguments,
     interleaved,
     machine_facts,
+    machine_line,
     median,
     print_table,
     write_results,
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         paths[f"ttft_{n}"] = i2t_call(lm, prompts[n], 1)
         paths[f"answer_{n}"] = i2t_call(lm, prompts[n], args.answer_tokens)
     times = interleaved(paths, args.repeats, args.warmup, args.device)
-    print(f"machine: {facts['cpu']}, {facts['threads']} threads, torch {facts['torch']}, {args.dtype}")
+    print(machine_line(facts))
     print(f"model: {args.preset}, {sum(p.numel() for p in lm.parameters()) / 1e6:.0f}M parameters, "
           f"{lm.vocab.num_codes} image tokens; T2I batch 1, cfg 1; I2T answer {args.answer_tokens} tokens")
 

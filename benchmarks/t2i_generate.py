@@ -40,6 +40,7 @@ from common import (  # noqa: E402
     check_common_arguments,
     interleaved,
     machine_facts,
+    machine_line,
     median,
     print_table,
     write_results,
@@ -181,8 +182,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lm = build_lm(preset, dtype, args.device, args.seed)
     step_bytes = streamed_bytes(lm)
     floor_ms = step_bytes / (facts["read_bandwidth_gbs"] * 1e9) * 1e3
-    print(f"machine: {facts['cpu']}, {facts['threads']} threads, torch {facts['torch']}, {args.dtype}; "
-          f"matmul peak {facts['matmul_peak_gflops']:.0f} GFLOP/s, read {facts['read_bandwidth_gbs']:.1f} GB/s")
+    print(machine_line(facts))
     print(f"model: {args.preset}, {sum(p.numel() for p in lm.parameters()) / 1e6:.0f}M parameters, "
           f"{lm.vocab.num_codes} image tokens; {step_bytes / 1e6:.0f} MB read per step -> floor {floor_ms:.1f} ms/step")
 

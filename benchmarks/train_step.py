@@ -59,6 +59,7 @@ from common import (  # noqa: E402
     check_common_arguments,
     interleaved,
     machine_facts,
+    machine_line,
     median,
     print_table,
     write_results,
@@ -242,8 +243,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     preset, dtype = PRESETS[args.preset], DTYPES[args.dtype]
     facts = machine_facts(args.device, dtype)
     peak = facts["matmul_peak_gflops"]
-    print(f"machine: {facts['cpu']}, {facts['threads']} threads, torch {facts['torch']}, {args.dtype}; "
-          f"matmul peak {peak:.0f} GFLOP/s, read {facts['read_bandwidth_gbs']:.1f} GB/s")
+    print(machine_line(facts))
     modules = [name for name in MODULES if name in args.modules]
     steps: dict[str, TrainStep] = {}
     with tempfile.TemporaryDirectory() as scratch:  # the frozen folders are read while the modules are built
