@@ -36,7 +36,7 @@ from torch.nn import functional as F
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import peak_memory_increase, timed, write_results  # noqa: E402
+from common import interleaved, peak_memory_increase, write_results  # noqa: E402
 
 from tarkit.registry import registry
 from tarkit.tatok import TATok
@@ -223,17 +223,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"sanity: indices {tuple(ours.shape)} on both paths; tarkit == argmax of the baseline's similarity "
             f"for {agreement:.6f} of tokens"
         )
-        # The remaining warm-up calls (the sanity check above served as tarkit's and the baseline's first).
-        for _ in range(max(0, args.warmup - 1)):
-            for fn in paths.values():
-                fn()
+        # The sanity check above served as tarkit's and the baseline's first warm-up call; the tower's comes here.
         if args.warmup:
             paths["tower"]()
-        times: dict[str, list[float]] = {name: [] for name in paths}
-        # Round-robin, so a slow spell from another process falls on every path rather than on one.
-        for _ in range(args.repeats):
-            for name, fn in paths.items():
-                times[name].append(timed(fn, args.device))
+        times = interleaved(paths, args.repeats, max(0, args.warmup - 1), args.device)
 
         # Peak memory of each encode path, each alone: the reference's [B*N, K] similarity and its softmax
         # against tarkit's chunked nearest-code search.
