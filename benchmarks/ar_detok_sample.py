@@ -251,7 +251,7 @@ class Row:
 
     @torch.inference_mode()
     def llamagen(self, greedy: bool = False) -> torch.Tensor:
-        plain_linears(self.model)  # the reference's loop runs nn.Linear; tarkit's sampling turns them skinny
+        plain_linears(self.model)  # the reference's loop runs nn.Linear; tarkit's sampling makes them CPULinear
         return self.loop.sample_codes(self.condition, self.cfg, *self.settings(greedy))
 
 

@@ -6,7 +6,7 @@ Both paths sample the same image span from the same random-weight Qwen2 (the rea
 (temperature 1, top-k 1200, top-p 0.95) at one precision:
 
 * ``tarkit``: :func:`tarkit_plugins.lm.generation.generate_image_codes`: the LM's incremental decoder (its
-  linears through :mod:`tarkit_plugins.lm.skinny_linear`), logits of the head's image rows only, guidance as one
+  linears through :mod:`tarkit.cpu_linear`), logits of the head's image rows only, guidance as one
   batch of 2B rows.
 * ``hf``: ``model.generate`` (its linears plain ``nn.Linear``) after the same ``<im_start><S0>`` prompt, a
   logits processor that leaves only the image tokens, ``min_new_tokens = max_new_tokens``; guidance is Hugging
@@ -46,9 +46,9 @@ from common import (  # noqa: E402
     write_results,
 )
 
+from tarkit.cpu_linear import CPULinear  # noqa: E402
 from tarkit.prompts import user_prefix  # noqa: E402
 from tarkit_plugins.lm.generation import generate_image_codes  # noqa: E402
-from tarkit_plugins.lm.skinny_linear import SkinnyLinear  # noqa: E402
 from tarkit_plugins.lms import HFCausalLM  # noqa: E402
 from tarkit_plugins.pipelines import left_pad  # noqa: E402
 
@@ -80,10 +80,10 @@ class ImageTokensOnly(LogitsProcessor):
 
 
 def plain_linears(model: nn.Module) -> nn.Module:
-    """The model as Hugging Face runs it: tarkit's decoder turns its linears into ``SkinnyLinear`` (the same
-    weights, a faster kernel for 1-4 rows on CPU) when it decodes; the baseline gets them back as ``nn.Linear``."""
+    """The model as Hugging Face runs it: tarkit's decoder turns its linears into ``CPULinear`` (the same
+    weights, faster kernels on CPU in fp32) when it decodes; the baseline gets them back as ``nn.Linear``."""
     for module in model.modules():
-        if type(module) is SkinnyLinear:
+        if type(module) is CPULinear:
             module.__class__ = nn.Linear
     return model
 

@@ -44,12 +44,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from tarkit.checkpoints import read_official_spec
+from tarkit.cpu_linear import use_cpu_linears
 from tarkit.interfaces import DeTokenizer
 from tarkit.presets import preset_values
 from tarkit.pretrained import PretrainedLoadError, check_state_dict, part_config
 from tarkit_plugins.detok.pixel_vq import PixelVQ, load_pixel_vq
 from tarkit_plugins.lm.generation import sample_next
-from tarkit_plugins.lm.skinny_linear import use_skinny_linears
 
 POSITIONS = ("absolute", "rope2d")
 
@@ -369,7 +369,7 @@ class AutoregressiveDeTokenizer(DeTokenizer):
         ``top_p`` filter as :func:`tarkit_plugins.lm.generation.sample_next` does (the reference: 1.0, off, off).
         """
         self._check_condition(condition)
-        use_skinny_linears(self)  # each step runs the linears on a few rows (tarkit_plugins.lm.skinny_linear)
+        use_cpu_linears(self)  # a few rows per step: tarkit.cpu_linear
         guided = cfg_scale != 1.0
         rows = torch.cat([condition, torch.zeros_like(condition)]) if guided else condition
         batch, prefix = rows.shape[:2]

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from tarkit.cpu_linear import use_cpu_linears
 from tarkit.interfaces import IncrementalDecoder
-from tarkit_plugins.lm.skinny_linear import use_skinny_linears
 
 
 class HFCachedDecoder(IncrementalDecoder):
@@ -28,8 +28,8 @@ class HFCachedDecoder(IncrementalDecoder):
     """
 
     def __init__(self, model: nn.Module, attention_mask: torch.Tensor) -> None:
-        # Decoding runs its linears on a few rows (guidance doubles a batch of 1 or 2): see skinny_linear.
-        self.base = use_skinny_linears(base_model(model))
+        # Decoding runs its linears on a few rows (guidance doubles a batch of 1 or 2): see tarkit.cpu_linear.
+        self.base = use_cpu_linears(base_model(model))
         self.cache_kwarg = cache_keyword(self.base)
         self.mask = attention_mask.long()
         self.next_position = self.mask.sum(dim=-1)  # [R]: real tokens seen so far

@@ -23,9 +23,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from tarkit.cpu_linear import cpu_linear
 from tarkit.interfaces import LanguageModel
 from tarkit.vocab import ImageVocabulary
-from tarkit_plugins.lm.skinny_linear import skinny_linear
 
 __all__ = ["generate_image_codes", "generate_text", "sample_next"]
 
@@ -150,7 +150,7 @@ def generate_image_codes(
     hidden = decoder.prefill(ids)
     picked = []
     for step in range(num_tokens):
-        logits = skinny_linear(hidden, weight[rows], None if bias is None else bias[rows]).float()  # [R, K]
+        logits = cpu_linear(hidden, weight[rows], None if bias is None else bias[rows]).float()  # [R, K]
         if guided:
             cond, uncond = logits[:batch], logits[batch:]
             logits = uncond + cfg_scale * (cond - uncond)
@@ -226,12 +226,12 @@ def _text_logits(
     """Float logits ``[B, V]`` with ``-inf`` on the banned ids, whose head rows are never multiplied: a question's
     answer skips the 65,536 image rows, 30% of a Qwen2.5 head with Tar's vocabulary."""
     if banned is None:
-        return skinny_linear(hidden, weight, bias).float()
+        return cpu_linear(hidden, weight, bias).float()
     start, end = banned
     logits = hidden.new_full((hidden.shape[0], weight.shape[0]), float("-inf"), dtype=torch.float32)
     for rows in (slice(0, start), slice(end, weight.shape[0])):
         if rows.start < rows.stop:
-            logits[:, rows] = skinny_linear(hidden, weight[rows], None if bias is None else bias[rows]).float()
+            logits[:, rows] = cpu_linear(hidden, weight[rows], None if bias is None else bias[rows]).float()
     return logits
 
 
