@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from tarkit.cpu_linear import cpu_linear
+
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -82,24 +84,29 @@ def median(times: list[float]) -> float:
     return statistics.median(times)
 
 
-def matmul_peak_flops(device: str = "cpu", dtype: torch.dtype = torch.float32, size: int = 2048) -> float:
-    """FLOP/s of the best of five ``[size, size] @ [size, size]`` matmuls."""
+def matmul_peak_flops(device: str = "cpu", dtype: torch.dtype = torch.float32, size: int = 2048) -> dict[str, float]:
+    """FLOP/s of the best of five ``[size, size]`` products through each kernel family: ``torch.mm`` (on CPU
+    MKL, which on AMD CPUs runs its AVX2 code) and :func:`tarkit.cpu_linear.cpu_linear` (on CPU in fp32
+    oneDNN); ``"peak"`` is the faster, the machine's limit that shares of peak are taken against."""
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
-    a @ b
-    best = min(timed(lambda: a @ b, device) for _ in range(5))
-    return 2 * size**3 / best
+    rates = {}
+    for name, product in (("torch.mm", lambda: a @ b), ("cpu_linear", lambda: cpu_linear(a, b))):
+        product()
+        rates[name] = 2 * size**3 / min(timed(product, device) for _ in range(5))
+    return {**rates, "peak": max(rates.values())}
 
 
 def read_bandwidth(device: str = "cpu", mib: int = 256) -> float:
-    """Bytes/s of the fastest of three reads of a ``mib``-MiB fp32 matrix, each the best of five: a sum, a
-    matrix-vector product and a product with two columns (on some CPUs the BLAS gemv streams at half the rate
-    its two-column GEMM does, so the gemv alone would put the floor too low)."""
+    """Bytes/s of the fastest of four reads of a ``mib``-MiB fp32 matrix, each the best of five: a sum, a
+    matrix-vector product, a product with two columns (on some CPUs the BLAS gemv streams at half the rate its
+    two-column GEMM does, so the gemv alone would put the floor too low) and the vector's product through
+    :func:`tarkit.cpu_linear.cpu_linear`."""
     columns = 4096
     rows = mib * 2**20 // (4 * columns)
     matrix = torch.randn(rows, columns, device=device)
     vector, pair = torch.randn(columns, device=device), torch.randn(2, columns, device=device).t()
-    reads = (matrix.sum, lambda: matrix @ vector, lambda: torch.mm(matrix, pair))
+    reads = (matrix.sum, lambda: matrix @ vector, lambda: torch.mm(matrix, pair), lambda: cpu_linear(vector, matrix))
     best = min(timed(read, device) for read in reads for _ in range(5))
     return matrix.numel() * 4 / best
 
@@ -189,7 +196,9 @@ def machine_facts(device: str = "cpu", dtype: torch.dtype = torch.float32) -> di
     }
     if torch.device(device).type == "cuda":
         facts["gpu"] = torch.cuda.get_device_name(device)
-    facts["matmul_peak_gflops"] = matmul_peak_flops(device, dtype) / 1e9
+    rates = matmul_peak_flops(device, dtype)
+    facts["matmul_peak_gflops"] = rates.pop("peak") / 1e9
+    facts["matmul_kernels_gflops"] = {name: rate / 1e9 for name, rate in rates.items()}
     facts["read_bandwidth_gbs"] = read_bandwidth(device) / 1e9
     return facts
 

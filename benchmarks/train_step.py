@@ -118,6 +118,8 @@ CPU_ATTENTION_FLOPS = {
     aten._scaled_dot_product_flash_attention_for_cpu_backward: (
         lambda grad, q, k, v, *args, **kwargs: sdpa_backward_flop_count(grad, q, k, v)
     ),
+    # tarkit.cpu_linear's oneDNN kernel: x [M, K] @ weight [N, K].T
+    torch.ops.mkldnn._linear_pointwise: lambda x, weight, *args, **kwargs: 2 * x[0] * x[1] * weight[0],
 }
 
 
@@ -188,6 +190,7 @@ class TrainStep:
 
     def __init__(self, name: str, module: TarkitModule, batch: dict[str, Any], device: str, dtype: torch.dtype):
         self.module = module.to(device)
+        module.setup("fit")  # as a Trainer calls it
         self.batch = move_data_to_device(batch, torch.device(device))
         self.batch_size = len(batch["task"])
         self.device_type, self.dtype = torch.device(device).type, dtype

@@ -8,6 +8,7 @@ its hyperparameters and a few hooks:
 * the export at the end of fit to ``export_dir`` (:meth:`~TarkitModule.export`: by default the
   ``save_pretrained`` of :meth:`~TarkitModule.exported_model`), on the global-zero process only;
 * frozen parts (:meth:`~TarkitModule.frozen_parts`) kept in eval mode whatever ``train()`` is called with;
+* its ``nn.Linear`` layers run through :mod:`tarkit.cpu_linear` (from ``setup``: faster kernels on CPU in fp32);
 * one way to load a frozen TA-Tok (a tarkit folder or any file a converter reads, :func:`tarkit.tatok.load_tatok`);
 * a seeded pool-scale draw per batch (:meth:`~TarkitModule.draw_scale`);
 * metric logging under ``<stage>/`` and the originals-over-redrawn image grid every ``sample_every_n_steps``.
@@ -23,6 +24,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import nn
 
+from tarkit.cpu_linear import use_cpu_linears
 from tarkit.optim import adamw_warmup_cosine
 from tarkit.run_logging import log_comparison_grid
 from tarkit.tatok import TATok, load_tatok
@@ -49,6 +51,9 @@ class TarkitModule(LightningModule):
         """Save the trained model as a folder (``config.json`` + weights) and return it."""
         self.exported_model().save_pretrained(folder)
         return Path(folder)
+
+    def setup(self, stage: str) -> None:
+        use_cpu_linears(self)  # fp32 on CPU: the faster kernels (tarkit.cpu_linear); elsewhere F.linear as before
 
     def train(self, mode: bool = True) -> TarkitModule:
         super().train(mode)
