@@ -22,7 +22,7 @@ CPU_SUITE: list[tuple[str, str, list[str]]] = [
     ("t2i_generate 0.5b", "t2i_generate.py", ["--preset", "0.5b", "--tokens", "16", "--repeats", "1"]),
     ("t2i_generate small bf16", "t2i_generate.py", ["--preset", "small", "--dtype", "bfloat16", "--repeats", "2"]),
     ("i2t_answer small", "i2t_answer.py", ["--preset", "small", "--repeats", "2"]),
-    ("i2t_answer 0.5b", "i2t_answer.py", ["--preset", "0.5b", "--tokens", "8", "--repeats", "1"]),
+    ("i2t_answer 0.5b", "i2t_answer.py", ["--preset", "0.5b", "--tokens", "24", "--repeats", "2"]),
     ("ar_detok_sample tiny", "ar_detok_sample.py", ["--preset", "tiny", "--repeats", "3"]),
     ("ar_detok_sample base", "ar_detok_sample.py", ["--preset", "base", "--repeats", "1", "--warmup", "0"]),
     ("diffusion_detok_sample tiny", "diffusion_detok_sample.py", ["--preset", "tiny", "--repeats", "2"]),

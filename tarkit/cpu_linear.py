@@ -5,10 +5,12 @@ torch runs an fp32 ``F.linear`` on CPU through MKL, which on AMD CPUs takes its 
 torch already uses for convolutions and bf16), and the few rows of a decoding step stream the weight at
 12-17 GB/s there against 25-40 (``docs/performance.md``). So, on CPU in fp32 (no autocast, not compiling):
 
-* 2-4 rows without a gradient (decoding a batch of 1-2, guidance doubling it): ``torch.mm(W, x.T)``, MKL's
-  product with the weight as left operand, which streams it at ~38 GB/s (oneDNN ~30);
-* any other shape: oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``, the kernel torch's Inductor calls
-  on CPU), its gradients through oneDNN linears too.
+* 1-4 rows without a gradient (decoding a batch of 1-2, guidance doubling it): ``torch.mm(W, x.T)``, MKL's
+  product with the weight as left operand, which streams it at ~38 GB/s (oneDNN ~30, MKL's gemv ~17: one row
+  goes in twice, its copy's result dropped);
+* a product of at least ``ONEDNN_MIN_MACS`` multiply-adds: oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``,
+  the kernel torch's Inductor calls on CPU), its gradients through oneDNN linears too;
+* smaller ones ``F.linear``: a oneDNN call costs ~20 us before it computes, MKL's ~5.
 
 Elsewhere (GPUs, bf16, a torch built without oneDNN) it is ``F.linear``. Results equal ``F.linear``'s up to
 fp32 rounding (another summation order).
@@ -21,7 +23,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
-MM_ROWS = range(2, 5)
+MM_ROWS = range(1, 5)
+ONEDNN_MIN_MACS = 2**20  # oneDNN wins from here: [1536, 512] on one row 54 vs 67 us, [384, 128] on 8 rows 28 vs 14
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -69,9 +72,13 @@ def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     flat = x.reshape(-1, x.shape[-1]).contiguous()
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (
         bias is not None and bias.requires_grad))
-    if flat.shape[0] in MM_ROWS and not needs_grad:
-        out = torch.mm(weight, flat.t()).t().contiguous()  # a transposed result would slow the next product
+    rows = flat.shape[0]
+    if rows in MM_ROWS and not needs_grad:
+        pair = torch.cat([flat, flat]) if rows == 1 else flat
+        out = torch.mm(weight, pair.t()).t()[:rows].contiguous()  # a transposed result would slow the next product
         out = out if bias is None else out + bias
+    elif rows * weight.numel() < ONEDNN_MIN_MACS:
+        return F.linear(x, weight, bias)
     elif needs_grad:
         out = _OneDNNLinear.apply(flat, weight, bias)
     else:

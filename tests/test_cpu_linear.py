@@ -15,6 +15,12 @@ from .plugins.lm.test_generation import VOCAB, BareLM, left_pad, random_prompts,
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
 
 
+@pytest.fixture(autouse=True)
+def onednn_at_every_size(monkeypatch):
+    """These tests' layers are tiny: without this, the size threshold would send them all to ``F.linear``."""
+    monkeypatch.setattr(cpu, "ONEDNN_MIN_MACS", 0)
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 9, 16, 17, 300])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_cpu_linear_equals_f_linear(rows, with_bias):
@@ -47,11 +53,15 @@ def test_each_shape_takes_its_kernel(monkeypatch):
     real_onednn = cpu.onednn_linear
     monkeypatch.setattr(cpu, "onednn_linear", lambda x, w, b=None: calls.append(("onednn", x.shape[0])) or
                         real_onednn(x, w, b))
+    monkeypatch.setattr(cpu, "ONEDNN_MIN_MACS", 30 * 8 * 5)
     weight = torch.randn(30, 8)
-    for rows in (1, 2, 4, 5, 17):
+    for rows in (1, 2, 4, 5, 17):  # one row goes in twice
         cpu_linear(torch.randn(rows, 8), weight)
-    cpu_linear(torch.randn(3, 8, requires_grad=True), weight)  # a gradient: oneDNN even on 2-4 rows
-    assert calls == [("onednn", 1), ("mm", 2), ("mm", 4), ("onednn", 5), ("onednn", 17), ("onednn", 3)]
+    cpu_linear(torch.randn(5, 8, requires_grad=True), weight)  # a gradient: oneDNN
+    cpu_linear(torch.randn(3, 8, requires_grad=True), weight)  # a gradient on 1-4 rows: not mm; small: F.linear
+    cpu_linear(torch.randn(4, 6), torch.randn(30, 6))  # mm
+    cpu_linear(torch.randn(6, 6), torch.randn(30, 6))  # 6 x 30 x 6 multiply-adds, under the threshold: F.linear
+    assert calls == [("mm", 2), ("mm", 2), ("mm", 4), ("onednn", 5), ("onednn", 17), ("onednn", 5), ("mm", 4)]
 
 
 @pytest.mark.parametrize("case", ["bf16", "autocast", "transposed weight", "onednn off"])
