@@ -308,8 +308,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"sanity: greedy codes agree on {min(r['greedy_agreement'] for r in results):.6f} of codes (1.0 expected)")
     payload = {"benchmark": "ar_detok_sample", "preset": args.preset, "machine": facts,
                "sampling": {"temperature": 1.0, "top_k": args.top_k, "top_p": args.top_p}, "rows": results}
-    path = write_results(f"ar_detok_sample_{args.preset}_{args.dtype}_{args.device}", payload, args.json)
-    print(f"results: {path}")
+    write_results(payload, args)
     print(f"tarkit/llamagen speed ratio (lowest row): {min(r['speedup'] for r in results):.2f}x")
     return payload
 

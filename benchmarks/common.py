@@ -211,11 +211,14 @@ def machine_line(facts: dict[str, Any]) -> str:
     )
 
 
-def write_results(name: str, payload: dict[str, Any], path: str | None = None) -> Path:
-    """``payload`` as JSON at ``path`` (default ``benchmarks/results/<name>.json``)."""
-    target = Path(path) if path else RESULTS / f"{name}.json"
+def write_results(payload: dict[str, Any], args: argparse.Namespace) -> Path:
+    """``payload`` as JSON at ``args.json``, by default ``benchmarks/results/<benchmark>_<preset>[_<dtype>]_<device>
+    .json`` (the dtype where the script takes one), and its ``results:`` line."""
+    parts = [payload["benchmark"], args.preset, getattr(args, "dtype", None), args.device]
+    target = Path(args.json) if args.json else RESULTS / f"{'_'.join(p for p in parts if p)}.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"results: {target}")
     return target
 
 

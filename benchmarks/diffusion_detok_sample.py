@@ -136,8 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload = {"benchmark": "diffusion_detok_sample", "preset": args.preset, "machine": facts,
                "default_steps": model.num_steps,
                "headline": {key: headline[key] for key in ("steps", "batch", "cfg", "images_per_s")}, "rows": results}
-    path = write_results(f"diffusion_detok_sample_{args.preset}_{args.dtype}_{args.device}", payload, args.json)
-    print(f"results: {path}")
+    write_results(payload, args)
     print(f"diffusion images/s at {steps} steps, batch {headline['batch']}: {headline['images_per_s']:.3g}")
     return payload
 

@@ -115,8 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ttft_ratio": figures["hf"]["ttft_s"] / figures["tarkit"]["ttft_s"],
         "decode_ratio": figures["tarkit"]["decode_tokens_per_s"] / figures["hf"]["decode_tokens_per_s"],
     }
-    path = write_results(f"i2t_answer_{args.preset}_{args.dtype}_{args.device}", payload, args.json)
-    print(f"results: {path}")
+    write_results(payload, args)
     print(f"time to first token, hf/tarkit: {payload['ttft_ratio']:.2f}x")
     print(f"tarkit/hf decoding speed ratio: {payload['decode_ratio']:.2f}x")
     return payload

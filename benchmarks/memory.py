@@ -131,8 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": "memory", "preset": args.preset, "machine": facts, "method": memory.method,
         "tokens": args.tokens, "cfg": args.cfg, "precisions": results,
     }
-    path = write_results(f"memory_{args.preset}_{args.device}", payload, args.json)
-    print(f"results: {path}")
+    write_results(payload, args)
     print(f"T2I peak memory at {args.preset}: fp32 {results['fp32']['generation_peak_bytes'] / gb:.1f} GB, "
           f"bf16 {results['bf16']['generation_peak_bytes'] / gb:.1f} GB")
     return payload

@@ -177,9 +177,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "answer_ratio": most["i2t_answer_s"] / fewest["i2t_answer_s"],
     }
     figure = plot(rows, args.preset, Path(args.plot) if args.plot else RESULTS / f"scaling_{args.preset}.png")
-    path = write_results(f"scaling_{args.preset}_{args.dtype}_{args.device}", payload, args.json)
     print(f"plot: {figure}")
-    print(f"results: {path}")
+    write_results(payload, args)
     print(f"T2I cost {most['image_tokens']} vs {fewest['image_tokens']} tokens: {payload['t2i_ratio']:.2f}x; "
           f"I2T time to first token: {payload['ttft_ratio']:.2f}x")
     return payload

@@ -212,8 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         payload["fp32_agreement"] = precision_agreement(lm, reference, tokens, args.seed)
         del reference
         print(f"{args.dtype} against fp32: the same next code at {payload['fp32_agreement']:.3f} of image positions")
-    path = write_results(f"t2i_generate_{args.preset}_{args.dtype}_{args.device}", payload, args.json)
-    print(f"results: {path}")
+    write_results(payload, args)
     print(f"tarkit/hf speed ratio (lowest row): {min(r['speedup'] for r in results):.2f}x")
     return payload
 

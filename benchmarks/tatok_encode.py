@@ -252,6 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "batch": batch,
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
+        "benchmark": "tatok_encode",
         "device": args.device,
         "torch": torch.__version__,
         "repeats": args.repeats,
@@ -268,8 +269,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "tarkit_over_tower_time_best": results["tarkit"]["min_s"] / results["tower"]["min_s"],
         "tarkit_over_baseline_throughput_best": results["baseline"]["min_s"] / results["tarkit"]["min_s"],
     }
-    path = write_results(f"tatok_encode_{args.preset}_{args.dtype}_{args.device}", report, args.json)
-    print(f"results: {path}")
+    write_results(report, args)
     print(f"tarkit time / tower-alone time: {vs_tower:.2f}x")
     print(f"tarkit/baseline throughput ratio: {ratio:.2f}x")
     return report

@@ -276,8 +276,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      step.batch_size / seconds, gflops, f"{100 * gflops / peak:.1f}%"])
     print_table(["module", "batch", "trainable M", "GFLOP/step", "s/step", "samples/s", "GFLOP/s", "of peak"], rows)
     payload = {"benchmark": "train_step", "preset": args.preset, "machine": facts, "modules": results}
-    path = write_results(f"train_step_{args.preset}_{args.dtype}_{args.device}", payload, args.json)
-    print(f"results: {path}")
+    write_results(payload, args)
     if "unified_lm" in results:
         print(f"LM training step: {100 * results['unified_lm']['share_of_peak']:.1f}% of the measured matmul peak")
     else:
