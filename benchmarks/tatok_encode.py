@@ -12,7 +12,8 @@ them alike:
   computed and thrown away), ``hidden_states[-2]``, the task layer, ``in_linear``, the codebook ``E W^T + b``
   recomputed on every call, the full ``[B*N, K]`` cosine matrix, ``softmax(cos / T)`` and
   ``torch.multinomial``, then the feature decoder on the sampled codes (the reference always runs it).
-* ``tower``: the full-depth HF SigLIP tower alone, the floor any encode path has to pay.
+* ``tower``: the full-depth HF SigLIP tower alone, the floor any encode path has to pay (its linears as tarkit
+  runs them, :mod:`tarkit.cpu_linear`; the baseline's as ``nn.Linear``, as the reference runs them).
 
 Usage: ``python benchmarks/tatok_encode.py [--preset paper|tiny] [--batch 2] [--repeats 3] [--warmup 1]
 [--threads N] [--dtype float32|bfloat16] [--device cpu|cuda] [--json OUT]``. Results go to ``--json`` or
@@ -37,7 +38,9 @@ from transformers import SiglipVisionConfig, SiglipVisionModel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import interleaved, peak_memory_increase, write_results  # noqa: E402
+from t2i_generate import plain_linears  # noqa: E402
 
+from tarkit.cpu_linear import use_cpu_linears
 from tarkit.registry import registry
 from tarkit.tatok import TATok
 
@@ -107,6 +110,21 @@ def full_tower(tatok: TATok) -> SiglipVisionModel:
             f"weights do not map onto the full tower: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     return tower
+
+
+def with_linears(cpu_linears: bool, call: Callable[[], Any], *modules: nn.Module) -> Callable[[], Any]:
+    """``call`` with the linears of ``modules`` as tarkit runs them (:mod:`tarkit.cpu_linear`) or as the
+    reference does (``nn.Linear``): the paths share weights, so each sets the classes before it runs."""
+
+    def run() -> Any:
+        for module in modules:
+            if cpu_linears:
+                use_cpu_linears(module)
+            else:
+                plain_linears(module)
+        return call()
+
+    return run
 
 
 class ReferenceEncodePath(nn.Module):
@@ -204,14 +222,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
 
     paths: dict[str, Callable[[], Any]] = {
-        "tarkit": lambda: tatok.tokenize(images, scale=1),
-        "baseline": lambda: baseline(images, generator=sampler),
-        "tower": lambda: tower(pixel_values=(images - 0.5) / 0.5),
+        "tarkit": with_linears(True, lambda: tatok.tokenize(images, scale=1), tatok),
+        "baseline": with_linears(False, lambda: baseline(images, generator=sampler), tower, tatok),
+        "tower": with_linears(True, lambda: tower(pixel_values=(images - 0.5) / 0.5), tower),
     }
     with torch.inference_mode():
         # Sanity check at equal precision; tarkit's first call here also fills its codebook cache.
-        ours = tatok.tokenize(images, scale=1)
-        theirs = baseline(images, generator=sampler)
+        ours = paths["tarkit"]()
+        theirs = paths["baseline"]()
         if ours.shape != theirs["indices"].shape:
             raise RuntimeError(
                 f"tarkit gives indices {tuple(ours.shape)}, the baseline {tuple(theirs['indices'].shape)}"

@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import Siglip2VisionConfig, Siglip2VisionModel
 
+from tarkit.cpu_linear import use_cpu_linears
 from tarkit.interfaces import CodebookProjection, Quantizer, VisionEncoder
 from tarkit.pretrained import PretrainedMixin
 
@@ -93,6 +94,7 @@ class TATok(PretrainedMixin, nn.Module):
         config = {"patch_size": 1, "num_hidden_layers": decoder_depth, "num_channels": dim, "hidden_size": width}
         self.decoder = Siglip2VisionModel(Siglip2VisionConfig(**(config | (decoder_config or {}))))
         self.decode_task_layer = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width))
+        use_cpu_linears(self)  # fp32 on CPU: the faster kernels (tarkit.cpu_linear)
 
     @property
     def num_codes(self) -> int:
