@@ -12,8 +12,9 @@ everywhere else. A corrupt image, a sample without a caption or an unreadable sh
 ``DataWarning`` (counted per worker process); samples whose tasks ``task_ratios`` disables all are left out
 silently, that being a choice rather than a data problem.
 
-The task of a sample is chosen by ``TaskMix`` from a stable index, the CRC32 of its shard URL and key, and the
-epoch: it does not depend on the number of workers, the shuffle or the sample's position in the stream.
+The task of a sample is chosen by ``TaskMix`` from a stable index, the CRC32 of its shard's file name and key, and
+the epoch: it does not depend on the number of workers, the shuffle, the sample's position in the stream or where
+the shards are mounted (a copy of the data on another machine or bucket draws the same tasks).
 """
 
 from __future__ import annotations
@@ -142,7 +143,8 @@ class ShardDataset(wds.DataPipeline):
         except (OSError, ValueError) as err:  # DataFormatError, bad JSON and bad UTF-8 are ValueErrors
             self.skips.skip(where, err)
             return None
-        task = self.mix.choose(zlib.crc32(where.encode()), record.tasks, self.epoch)
+        shard_name = str(raw.get("__url__", "")).rsplit("/", 1)[-1]
+        task = self.mix.choose(zlib.crc32(f"{shard_name} key {raw['__key__']}".encode()), record.tasks, self.epoch)
         return record_sample(record, task, image, self.image_size, self.default_question)
 
 

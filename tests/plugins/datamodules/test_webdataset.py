@@ -94,6 +94,17 @@ def test_tasks_do_not_depend_on_the_number_of_workers(tmp_path):
     assert tasks(0) == tasks(2)
 
 
+def test_tasks_do_not_depend_on_where_the_shards_are_mounted(tmp_path):
+    def tasks(folder):
+        folder.mkdir(parents=True)
+        urls, _ = write_shards(folder)
+        dm = WebDatasetDataModule(urls, image_size=SIZE, task_ratios=MIX, shuffle_shards=False)
+        with pytest.warns(DataWarning):  # the corrupt and uncaptioned samples
+            return {caption_of(s): s["task"] for s in epoch(dm.train_dataloader())}
+
+    assert tasks(tmp_path / "here") == tasks(tmp_path / "mounted" / "elsewhere")
+
+
 def test_corrupt_and_uncaptioned_samples_warn_in_process(tmp_path):
     urls, expected = write_shards(tmp_path)
     dm = WebDatasetDataModule(urls, image_size=SIZE, batch_size=4, task_ratios=MIX, shuffle_shards=False)
