@@ -5,9 +5,9 @@ torch runs an fp32 ``F.linear`` on CPU through MKL, which on AMD CPUs takes its 
 torch already uses for convolutions and bf16), and the few rows of a decoding step stream the weight at
 12-17 GB/s there against 25-40 (``docs/performance.md``). So, on CPU in fp32 (no autocast, not compiling):
 
-* 1-4 rows without a gradient (decoding a batch of 1-2, guidance doubling it): ``torch.mm(W, x.T)``, MKL's
-  product with the weight as left operand, which streams it at ~38 GB/s (oneDNN ~30, MKL's gemv ~17: one row
-  goes in twice, its copy's result dropped);
+* 1-4 rows without a gradient (decoding a batch of 1-2, guidance doubling it), weights of ``MM_MIN_WEIGHT``
+  elements up: ``torch.mm(W, x.T)``, MKL's product with the weight as left operand, which streams it at ~38
+  GB/s (oneDNN ~30, MKL's gemv ~17: one row goes in twice, its copy's result dropped; cached weights: F.linear);
 * a product of at least ``ONEDNN_MIN_MACS`` multiply-adds: oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``,
   the kernel torch's Inductor calls on CPU), its gradients through oneDNN linears too;
 * smaller ones ``F.linear``: a oneDNN call costs ~20 us before it computes, MKL's ~5.
@@ -24,6 +24,8 @@ from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 MM_ROWS = range(1, 5)
+# mm loses to F.linear below: AR de-tokenizer steps ([384, 128] at most) 1.59 -> 1.30 ms; Qwen2 [512, 512] even.
+MM_MIN_WEIGHT = 2**17
 # Where oneDNN starts to win, 8 rows with cold caches: [512, 512] (2.1M) 78 vs 92 us, [384, 128] (0.4M) 24 vs 20.
 ONEDNN_MIN_MACS = 2**20
 
@@ -74,7 +76,7 @@ def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (
         bias is not None and bias.requires_grad))
     rows = flat.shape[0]
-    if rows in MM_ROWS and not needs_grad:
+    if rows in MM_ROWS and not needs_grad and weight.numel() >= MM_MIN_WEIGHT:
         pair = torch.cat([flat, flat]) if rows == 1 else flat
         out = torch.mm(weight, pair.t()).t()[:rows].contiguous()  # a transposed result would slow the next product
         out = out if bias is None else out + bias

@@ -17,8 +17,9 @@ needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reas
 
 @pytest.fixture(autouse=True)
 def onednn_at_every_size(monkeypatch):
-    """These tests' layers are tiny: without this, the size threshold would send them all to ``F.linear``."""
+    """These tests' layers are tiny: without this, the size thresholds would send them all to ``F.linear``."""
     monkeypatch.setattr(cpu, "ONEDNN_MIN_MACS", 0)
+    monkeypatch.setattr(cpu, "MM_MIN_WEIGHT", 0)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 9, 16, 17, 300])
@@ -61,6 +62,8 @@ def test_each_shape_takes_its_kernel(monkeypatch):
     cpu_linear(torch.randn(3, 8, requires_grad=True), weight)  # a gradient on 1-4 rows: not mm; small: F.linear
     cpu_linear(torch.randn(4, 6), torch.randn(30, 6))  # mm
     cpu_linear(torch.randn(6, 6), torch.randn(30, 6))  # 6 x 30 x 6 multiply-adds, under the threshold: F.linear
+    monkeypatch.setattr(cpu, "MM_MIN_WEIGHT", 30 * 8 + 1)
+    cpu_linear(torch.randn(2, 8), weight)  # 1-4 rows through a weight under MM_MIN_WEIGHT: F.linear
     assert calls == [("mm", 2), ("mm", 2), ("mm", 4), ("onednn", 5), ("onednn", 17), ("onednn", 5), ("mm", 4)]
 
 
