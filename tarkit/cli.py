@@ -83,8 +83,10 @@ def _lightning_cli(args: list[str], verbose: bool) -> None:
     from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+    from lightning.pytorch.plugins.io import CheckpointIO
 
     from tarkit.recipe_paths import MissingStageError, check_inputs, resolve_root_paths
+    from tarkit.resumable import AtomicCheckpointIO, StepSeeds
     from tarkit.run_logging import default_callbacks, default_checkpoint, default_loggers
 
     if not verbose:
@@ -120,7 +122,8 @@ def _lightning_cli(args: list[str], verbose: bool) -> None:
         def instantiate_trainer(self, **kwargs):  # noqa: ANN201 (LightningCLI API)
             # Runs leave curves and something to resume from: a recipe that keeps Lightning's default logger
             # gets CSV (+ TensorBoard), the learning rate and throughput, one that keeps checkpointing on gets
-            # <run>/checkpoints; a recipe that turns either off, or brings its own, is left alone.
+            # <run>/checkpoints; a recipe that turns either off, or brings its own, is left alone. Every run
+            # seeds its steps and writes checkpoints atomically (tarkit.resumable) so a killed run resumes exactly.
             trainer = self._get(self.config_init, "trainer", default={})
             run_dir = trainer.get("default_root_dir") or os.getcwd()
             callbacks = trainer.get("callbacks") or []
@@ -133,6 +136,11 @@ def _lightning_cli(args: list[str], verbose: bool) -> None:
                 isinstance(c, ModelCheckpoint) for c in callbacks
             ):
                 callbacks.append(default_checkpoint(run_dir))
+            callbacks.append(StepSeeds())
+            plugins = trainer.get("plugins") or []
+            plugins = list(plugins) if isinstance(plugins, list) else [plugins]
+            if not any(isinstance(p, CheckpointIO) for p in plugins):
+                kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
             if trainer.get("enable_progress_bar") is not False and not any(
                 isinstance(c, ProgressBar) for c in callbacks
             ):

@@ -14,6 +14,7 @@ Images are float tensors ``[3, S, S]`` in ``[0, 1]``; an image a task does not u
 
 from __future__ import annotations
 
+import itertools
 import random
 import warnings
 from collections.abc import Mapping, Sequence
@@ -132,22 +133,65 @@ class SkipCounter:
 
 
 class EpochDataLoader(DataLoader):
-    """A DataLoader that calls ``dataset.set_epoch(n)`` when its ``n``-th pass (from 0) starts.
+    """A DataLoader that calls ``dataset.set_epoch(n)`` when its ``n``-th pass (from 0) starts, and that a
+    checkpoint resumes in the middle of a pass.
 
     The datasets use the epoch to vary the task mix (and the shard order) between epochs. Setting it here, in the
     main process, reaches the workers because each pass starts them anew with a copy of the dataset (so do not
-    make them persistent). A run resumed from a checkpoint counts from 0 again: its mix stays balanced, it just
-    differs from the uninterrupted run's.
+    make them persistent). Each pass reseeds ``generator`` from its first seed and the pass, so a pass's order
+    depends on nothing else. Lightning keeps :meth:`state_dict` (the pass, the batches it has yielded) in its
+    checkpoints and hands it back on resume: the pass then starts again past those batches (a map-style
+    dataset's without loading them, an iterable one's by reading through them).
     """
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.passes = 0
+        self.passes, self.yielded, self.finished, self._skip = 0, 0, False, 0
+        self._first_seed = None if self.generator is None else self.generator.initial_seed()
+
+    def state_dict(self) -> dict[str, int]:
+        return {"passes": self.passes, "yielded": self.yielded, "finished": self.finished}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        in_a_pass = state["passes"] > 0 and not state["finished"]
+        self.passes = state["passes"] - 1 if in_a_pass else state["passes"]
+        self._skip = state["yielded"] if in_a_pass else 0
+
+    @property
+    def _index_sampler(self) -> Any:  # torch's iterator reads its batches' indices here, once per pass
+        sampler = super()._index_sampler
+        return _Skipping(sampler, self._skip) if self._skip and not self._iterable_dataset() else sampler
 
     def __iter__(self):
         self.dataset.set_epoch(self.passes)
-        self.passes += 1
-        return super().__iter__()
+        if self._first_seed is not None:
+            self.generator.manual_seed(self._first_seed + 1_000_003 * self.passes)
+        self.passes, self.yielded, self.finished = self.passes + 1, self._skip, False
+        batches = super().__iter__()
+        skip, self._skip = self._skip, 0
+        for _ in range(skip if self._iterable_dataset() else 0):
+            next(batches, None)
+        for batch in batches:
+            self.yielded += 1
+            yield batch
+        self.finished = True
+
+    def _iterable_dataset(self) -> bool:
+        return isinstance(self.dataset, torch.utils.data.IterableDataset)
+
+
+class _Skipping:
+    """A sampler of batch indices without its first ``skip`` batches (its length stays the whole pass's: Lightning
+    counts the resumed batches on from where they were)."""
+
+    def __init__(self, sampler: Any, skip: int):
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
 
 
 def sample_images(batch: dict[str, Any] | torch.Tensor) -> torch.Tensor:

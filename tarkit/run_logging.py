@@ -4,7 +4,7 @@ A recipe that leaves ``trainer.logger`` at its default gets a CSV log (``<run>/c
 and, where ``tensorboard`` is installed, a TensorBoard log (``<run>/tensorboard/version_N``), ``<run>``
 being the trainer's ``default_root_dir``. Every logged run also logs its learning rate and throughput. A
 recipe that keeps checkpointing on and names no ``ModelCheckpoint`` gets one writing ``<run>/checkpoints``
-(every 100 steps and at the end, ``last.ckpt`` linking the newest), so ``--ckpt_path=last`` resumes it
+(``last.ckpt``, every 100 steps and at the end), so ``--ckpt_path=last`` resumes it
 whatever version its logs are at.
 """
 
@@ -73,7 +73,11 @@ def default_callbacks() -> list[Callback]:
 
 def default_checkpoint(run_dir: str, every_n_train_steps: int = 100) -> ModelCheckpoint:
     """The newest checkpoint under ``run_dir/checkpoints``, refreshed every ``every_n_train_steps`` and at the end."""
-    return ModelCheckpoint(dirpath=f"{run_dir}/checkpoints", save_last="link", every_n_train_steps=every_n_train_steps)
+    # last.ckpt alone, rewritten whole each time (AtomicCheckpointIO): a link to a step file is removed and made
+    # again on every save, and a kill in between would leave nothing to resume from.
+    return ModelCheckpoint(
+        dirpath=f"{run_dir}/checkpoints", save_last=True, save_top_k=0, every_n_train_steps=every_n_train_steps
+    )
 
 
 def log_comparison_grid(trainer: Trainer, originals: torch.Tensor, redrawn: torch.Tensor) -> Path:

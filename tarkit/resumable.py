@@ -1,0 +1,66 @@
+"""What a killed run needs to go on as if it had never stopped: files written whole or not at all, and the
+random states a checkpoint must carry.
+
+Lightning stages a checkpoint in the system's temporary folder and moves it into place; where that folder is
+another filesystem the move is a copy, which a kill can cut in half. :class:`AtomicCheckpointIO` writes beside
+the target and renames instead, as :func:`atomic_write` does for any output file. Lightning keeps no random
+state in its checkpoints; :class:`StepSeeds` makes each step's randomness a function of the step instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open ``path.partial`` beside ``path`` for writing; on a clean exit flush it to disk and rename it over
+    ``path``. An error or a kill leaves ``path`` as it was (and at worst a ``.partial`` file, never read)."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with open(partial, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO with local saves through :func:`atomic_write` (remote URLs: Lightning's own)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        if "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path) as handle:
+            torch.save(checkpoint, handle)
+
+
+class StepSeeds(Callback):
+    """Seeds torch (every device), numpy and Python's ``random`` before each training batch from the run's seed
+    (``seed_everything``), the epoch, the batch's index and the process's rank.
+
+    A step's randomness (dropout, stochastic quantization, noise) then depends on nothing that ran before it, so
+    a run resumed from any checkpoint draws exactly what the uninterrupted run drew (Lightning's checkpoints
+    carry no random state), and validation or a sanity check in between changes nothing. Ranks draw apart.
+    """
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        key = [int(os.environ.get("PL_GLOBAL_SEED", "0")) % 2**32, trainer.current_epoch, batch_idx, trainer.global_rank]
+        seed = int(np.random.SeedSequence(key).generate_state(1)[0])
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
