@@ -59,7 +59,8 @@ class StepSeeds(Callback):
     """
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        key = [int(os.environ.get("PL_GLOBAL_SEED", "0")) % 2**32, trainer.current_epoch, batch_idx, trainer.global_rank]
+        run_seed = int(os.environ.get("PL_GLOBAL_SEED", "0")) % 2**32
+        key = [run_seed, trainer.current_epoch, batch_idx, trainer.global_rank]
         seed = int(np.random.SeedSequence(key).generate_state(1)[0])
         torch.manual_seed(seed)
         np.random.seed(seed)

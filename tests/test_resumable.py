@@ -1,7 +1,6 @@
 """A killed run loses nothing: atomic files, step-seeded randomness, and a SIGKILLed fit that resumes to the
 uninterrupted run's weights bit for bit."""
 
-import os
 import signal
 import subprocess
 import sys

@@ -7,7 +7,8 @@ Every stage is a recipe under ``recipes/tiny/`` run by ``tarkit --root <out> fit
 inputs and outputs as ``root:`` paths, so with ``<out>`` as the root each stage writes
 ``<out>/checkpoints/<stage>`` (its logs under ``<out>/runs/<stage>``) and reads the earlier stages from
 there, exactly as ``tarkit fit`` does on its own under ``outputs/tiny``. A stage whose folder exists is
-reused (``--force`` retrains), so an interrupted demo resumes where it stopped; ``<out>/checkpoints`` is a
+reused (``--force`` retrains) and a killed stage goes on from its ``last.ckpt``, so an interrupted demo resumes
+where it stopped; ``<out>/checkpoints`` is a
 Tar bundle (``TextToImagePipeline.from_pretrained``). ``--quick`` shrinks every budget for a smoke test. Writes
 ``report.md``, ``metrics.json`` and ``samples.png`` to ``<out>``.
 """
@@ -109,8 +110,10 @@ def headline(out: Path, stage: Stage) -> str:
 def run_stages(recipes: Path, out: Path, quick: bool, force: bool) -> dict[str, float]:
     """Train every stage whose folder is missing (all with ``force``); returns seconds per stage.
 
-    ``<out>/stages.json`` records each stage's budget: a folder trained with another budget (a ``--quick``
-    folder met by a full run, or the reverse) is neither reused as if it were this run's nor overwritten.
+    ``<out>/stages.json`` records each stage's budget when it starts: a folder trained with another budget (a
+    ``--quick`` folder met by a full run, or the reverse) is neither reused as if it were this run's nor
+    overwritten. A stage killed before its folder was written goes on from its ``last.ckpt`` (``--force``
+    starts it again).
     """
     record_file = out / "stages.json"
     record = json.loads(record_file.read_text()) if record_file.is_file() else {}
@@ -129,9 +132,21 @@ def run_stages(recipes: Path, out: Path, quick: bool, force: bool) -> dict[str, 
             )
         if not (recipes / stage.recipe).is_file():
             raise CommandError(f"recipe {recipes / stage.recipe} not found; run from the repo root or set --recipes")
+        last = out / "runs" / stage.name / "checkpoints" / "last.ckpt"
+        resume = last.is_file() and not force
+        if resume and trained != steps:
+            raise CommandError(
+                f"{last} is from a run of {trained} steps, this run asks {steps}; pass --force to start the stage "
+                "again or choose another --out"
+            )
+        if resume:
+            print(f"[demo] {stage.name:<9} resuming from {last}", flush=True)
+        record[stage.name] = {"steps": steps}
+        record_file.parent.mkdir(parents=True, exist_ok=True)
+        record_file.write_text(json.dumps(record, indent=2) + "\n")
         start = time.perf_counter()
         try:
-            status = tarkit_main(stage_arguments(stage, recipes, out, quick))
+            status = tarkit_main(stage_arguments(stage, recipes, out, quick) + [f"--ckpt_path={last}"] * resume)
         except SystemExit as err:  # LightningCLI exits on bad arguments; the message is already printed
             status = err.code
         if status:

@@ -104,3 +104,52 @@ def test_a_stage_line_reports_its_preferred_logged_figure(tmp_path):
     assert headline(tmp_path, tatok) == "val/recon_cosine_s1 0.875"
     log.write_text("step,train/recon_cosine\n9,0.5\n19,0.625\n")
     assert headline(tmp_path, tatok) == "train/recon_cosine 0.625"
+
+
+def fake_stages(monkeypatch):
+    """Stand in for `tarkit fit`: record each stage's arguments and write its folder as a finished fit would."""
+    from tarkit_plugins.shapesworld import demo
+
+    calls = []
+
+    def fit(args):
+        calls.append(args)
+        root, recipe = Path(args[1]), Path(args[args.index("--config") + 1])
+        stage = next(s for s in demo.STAGES if s.recipe == recipe.name)
+        (root / "checkpoints" / stage.name).mkdir(parents=True)
+        (root / "checkpoints" / stage.name / "config.json").write_text("{}")
+        return 0
+
+    monkeypatch.setattr(demo, "tarkit_main", fit)
+    return demo, calls
+
+
+def test_a_stage_killed_mid_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, capsys):
+    demo, calls = fake_stages(monkeypatch)
+    last = tmp_path / "runs" / "tatok" / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"a checkpoint")
+    record = {"teacher": {"steps": 400, "seconds": 1}, "tatok": {"steps": 700}}  # tatok started, never finished
+    (tmp_path / "stages.json").write_text(json.dumps(record))
+    (tmp_path / "checkpoints" / "teacher").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "teacher" / "config.json").write_text("{}")
+    demo.run_stages(ROOT / "recipes/tiny", tmp_path, quick=False, force=False)
+    assert [Path(c[c.index("--config") + 1]).stem for c in calls] == ["tatok", "pixel_vq", "ar_detok", "lm"]
+    assert calls[0][-1] == f"--ckpt_path={last}" and not any("--ckpt_path" in a for c in calls[1:] for a in c)
+    assert f"[demo] tatok     resuming from {last}" in capsys.readouterr().out
+    assert json.loads((tmp_path / "stages.json").read_text())["lm"]["steps"] == 450
+
+
+def test_a_killed_stage_of_another_budget_is_not_resumed(tmp_path, monkeypatch):
+    from tarkit.commands import CommandError
+
+    demo, calls = fake_stages(monkeypatch)
+    last = tmp_path / "runs" / "teacher" / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"a quick run's checkpoint")
+    (tmp_path / "stages.json").write_text(json.dumps({"teacher": {"steps": 20}}))
+    with pytest.raises(CommandError, match="is from a run of 20 steps, this run asks 400; pass --force"):
+        demo.run_stages(ROOT / "recipes/tiny", tmp_path, quick=False, force=False)
+    assert calls == []
+    demo.run_stages(ROOT / "recipes/tiny", tmp_path, quick=False, force=True)  # --force starts it again
+    assert len(calls) == 5 and not any("--ckpt_path" in a for c in calls for a in c)
