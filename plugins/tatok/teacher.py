@@ -31,6 +31,39 @@ def hash_words(texts: list[str], buckets: int, max_words: int) -> tuple[torch.Te
     return ids, ids != 0
 
 
+class _GatherRows(torch.autograd.Function):
+    """``all_gather`` along rows whose backward sums the gradient over the processes and keeps this process's rows.
+    Written out because gloo has no ``reduce_scatter`` and ``torch.distributed.nn``'s differentiable gather is
+    deprecated; an ``all_reduce`` every backend has."""
+
+    @staticmethod
+    def forward(ctx: Any, rows: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(rows) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(parts, rows.contiguous())
+        ctx.rows = len(rows)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()  # all_reduce works in place; autograd's tensor is not ours to change
+        torch.distributed.all_reduce(grad)
+        start = torch.distributed.get_rank() * ctx.rows
+        return grad[start : start + ctx.rows]
+
+
+def gather_captions(text: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every process's caption embeddings ``[world * B, D]`` and where this process's rows start (rank * B).
+
+    SigLIP's negatives are the whole global batch's captions: under data parallelism each process scores its images
+    against all of them, so N processes at B/N images each optimise the loss one process at B does. The gather's
+    backward sums each caption's gradient over the processes whose images met it, and DDP's gradient average then
+    equals the single-process gradient. One process (or none initialised) keeps its own captions. Every process must
+    bring the same B (DistributedSampler's equal shares do)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return text, 0
+    return _GatherRows.apply(text), torch.distributed.get_rank() * len(text)
+
+
 class HashedTextTower(nn.Module):
     """Word embeddings (hashed vocabulary, no tokenizer file) + positions + a small Transformer, mean-pooled."""
 
@@ -124,10 +157,15 @@ class SigLIPTeacherModule(TarkitModule):
         return images, texts
 
     def siglip_loss(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = image @ text.T * self.logit_scale.exp() + self.logit_bias
-        labels = 2 * torch.eye(len(image), device=image.device) - 1
+        """The sigmoid loss and in-batch retrieval accuracy of this process's images against every caption of the
+        global batch (see :func:`gather_captions`), normalised by this process's image count."""
+        captions, offset = gather_captions(text)
+        logits = image @ captions.T * self.logit_scale.exp() + self.logit_bias
+        matches = torch.arange(len(image), device=image.device) + offset
+        labels = -torch.ones_like(logits)
+        labels[torch.arange(len(image), device=image.device), matches] = 1.0
         loss = -F.logsigmoid(labels * logits).sum() / len(image)
-        accuracy = (logits.argmax(dim=1) == torch.arange(len(image), device=image.device)).float().mean()
+        accuracy = (logits.argmax(dim=1) == matches).float().mean()
         return loss, accuracy
 
     def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
@@ -136,10 +174,12 @@ class SigLIPTeacherModule(TarkitModule):
         loss, accuracy = self.siglip_loss(image, text)
         if self.patch_head is not None:
             dense = F.mse_loss(self.patch_head(tokens), self.patch_pixels(images))
-            self.log(f"{stage}/dense_loss", dense, batch_size=len(texts))
+            self.log(f"{stage}/dense_loss", dense, batch_size=len(texts), sync_dist=True)
             loss = loss + self.hparams.dense_weight * dense
-        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=len(texts))
-        self.log(f"{stage}/retrieval_acc", accuracy, prog_bar=True, batch_size=len(texts))
+        # averaged over the processes (every one logs these three each step): the global batch's figures, which
+        # is what one process at the global batch size logs
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=len(texts), sync_dist=True)
+        self.log(f"{stage}/retrieval_acc", accuracy, prog_bar=True, batch_size=len(texts), sync_dist=True)
         return loss
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
