@@ -22,6 +22,7 @@ from PIL import Image
 
 from tarkit.data import DataFormatError
 from tarkit.jsonl import read_jsonl
+from tarkit_plugins.prediction_files import save_image, write_text
 
 GENEVAL_TAGS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
@@ -37,13 +38,18 @@ def read_geneval_prompts(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def geneval_folder(out: str | Path, index: int) -> Path:
+    """Where prompt ``index``'s images go: ``<out>/<index:05d>``."""
+    return Path(out) / f"{index:05d}"
+
+
 def write_geneval_sample(out: str | Path, index: int, record: dict[str, Any], images: list[Image.Image]) -> Path:
-    """One prompt's folder: ``<out>/<index:05d>/metadata.jsonl`` and ``samples/<k:04d>.png``."""
-    folder = Path(out) / f"{index:05d}"
+    """One prompt's folder: ``<out>/<index:05d>/metadata.jsonl`` and ``samples/<k:04d>.png``, each file whole."""
+    folder = geneval_folder(out, index)
     (folder / "samples").mkdir(parents=True, exist_ok=True)
-    (folder / "metadata.jsonl").write_text(json.dumps(record) + "\n")
+    write_text(folder / "metadata.jsonl", json.dumps(record) + "\n")
     for k, image in enumerate(images):
-        image.save(folder / "samples" / f"{k:04d}.png")
+        save_image(image, folder / "samples" / f"{k:04d}.png")
     return folder
 
 

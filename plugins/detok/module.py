@@ -14,6 +14,7 @@ from tarkit.interfaces import DeTokenizer
 from tarkit.training import TarkitModule
 from tarkit_plugins.detok.autoencoder import MMAutoEncoder
 from tarkit_plugins.evaluation import psnr
+from tarkit_plugins.prediction_files import report_skipped, save_image
 
 
 class DeTokenizerModule(TarkitModule):
@@ -108,15 +109,25 @@ class DeTokenizerModule(TarkitModule):
         return self.autoencoder.reconstruct(images, generator=self.generator()).float() / 255
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Reconstructs each image of a ``prompts`` batch over an image folder as ``<predict_dir>/<id>.png``."""
+        """Reconstructs each image of a ``prompts`` batch over an image folder as ``<predict_dir>/<id>.png``, each
+        written whole; an image already there (an interrupted earlier run into the folder) is not redrawn."""
         images = batch["image"] if isinstance(batch, dict) and "image" in batch else sample_images(batch)
-        redrawn = self.redraw(images.to(self.device))
         out = Path(self.hparams.predict_dir)
-        out.mkdir(parents=True, exist_ok=True)
         ids = batch.get("id") if isinstance(batch, dict) else None
-        for i, image in enumerate(redrawn):
-            name = ids[i] if ids is not None else f"{batch_idx:05d}_{i:03d}"
-            tensor_to_image(image).save(out / f"{name}.png")
+        paths = [out / f"{ids[i] if ids is not None else f'{batch_idx:05d}_{i:03d}'}.png" for i in range(len(images))]
+        todo = [i for i, path in enumerate(paths) if not path.is_file()]
+        self._skipped += len(paths) - len(todo)
+        if not todo:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        for i, image in zip(todo, self.redraw(images[todo].to(self.device)), strict=True):
+            save_image(tensor_to_image(image), paths[i])
+
+    def on_predict_epoch_start(self) -> None:
+        self._skipped = 0
+
+    def on_predict_epoch_end(self) -> None:
+        report_skipped(self._skipped, self.hparams.predict_dir)
 
     def exported_model(self) -> DeTokenizer:
         return self.detokenizer

@@ -5,6 +5,10 @@ task's ``output`` says whether an answer or an image is generated after it.
                                                  -> image: image codes (CFG against the prompt without its
                                                     text) -> de-tokenizer -> GenEval layout for GenEval rows,
                                                     else <predict_dir>/<task>/<id>_<k>.png (+ codes)
+
+Each answer is appended to ``answers.jsonl`` with its batch and each image written whole, the codes file last
+(the item's marker), so a re-run into the same folder skips every finished row
+(:mod:`tarkit_plugins.prediction_files`).
 """
 
 from __future__ import annotations
@@ -16,9 +20,9 @@ from typing import Any
 import torch
 
 from tarkit.interfaces import TaskFormatter
-from tarkit.jsonl import write_jsonl
-from tarkit_plugins.evaluation import write_geneval_sample
+from tarkit_plugins.evaluation import geneval_folder, write_geneval_sample
 from tarkit_plugins.pipelines import ImageToTextPipeline, TextToImagePipeline
+from tarkit_plugins.prediction_files import ResumableJsonl, report_skipped, save_image, write_text
 
 
 class TaskPredictor:
@@ -44,7 +48,8 @@ class TaskPredictor:
     ):
         self.answerer, self.drawer, self.formatters = answerer, drawer, formatters
         self.out, self.images_per_prompt, self.generator = Path(out), images_per_prompt, generator
-        self.answers: list[dict[str, str]] = []
+        self.answers = ResumableJsonl(self.out / "answers.jsonl", key="question_id")
+        self.skipped = 0
 
     def formatter(self, task: str) -> TaskFormatter:
         if task not in self.formatters:
@@ -76,16 +81,33 @@ class TaskPredictor:
         for task in sorted(set(batch["kind"])):
             formatter = self.formatter(task)
             rows = [i for i, k in enumerate(batch["kind"]) if k == task]
+            todo = [i for i in rows if not self.finished(batch, i, formatter)]
+            self.skipped += len(rows) - len(todo)
+            if not todo:
+                continue
+            rows = todo
             samples = self.samples(batch, rows, formatter)
             prompts = [formatter.prompt(s, tokenizer, vocab) for s in samples]
             if formatter.output == "text":
                 answers = self.answerer.answer_prompts(prompts)
-                self.answers += [
+                self.answers.append(
                     {"question_id": batch["id"][i], "task": task, "text": a} for i, a in zip(rows, answers, strict=True)
-                ]
+                )
             else:
                 uncond = [formatter.prompt({**s, "text": ""}, tokenizer, vocab) for s in samples]
                 self.draw(batch, rows, prompts, uncond, task)
+
+    def finished(self, batch: dict[str, Any], row: int, formatter: TaskFormatter) -> bool:
+        """Whether an earlier run into this folder already wrote this row's answer or its images' marker."""
+        if formatter.output == "text":
+            return batch["id"][row] in self.answers.done
+        return self.marker(batch, row, formatter.name).is_file()
+
+    def marker(self, batch: dict[str, Any], row: int, task: str) -> Path:
+        """The file written last for an image row: its codes, in GenEval's layout for GenEval prompts."""
+        if "tag" in json.loads(batch["record"][row]):
+            return geneval_folder(self.out, int(batch["id"][row])) / "codes.json"
+        return self.out / task / f"{batch['id'][row]}_codes.json"
 
     def draw(
         self, batch: dict[str, Any], rows: list[int], prompts: list[list[int]], uncond: list[list[int]], task: str
@@ -99,16 +121,12 @@ class TaskPredictor:
             images, row_codes = drawn[j * per : (j + 1) * per], codes[j * per : (j + 1) * per].tolist()
             record = json.loads(batch["record"][i])
             if "tag" in record:  # a GenEval prompt: GenEval's folder layout
-                folder = write_geneval_sample(self.out, int(batch["id"][i]), record, images)
-                name = "codes.json"
+                write_geneval_sample(self.out, int(batch["id"][i]), record, images)
             else:
-                folder = self.out / task
-                folder.mkdir(parents=True, exist_ok=True)
+                (self.out / task).mkdir(parents=True, exist_ok=True)
                 for k, image in enumerate(images):
-                    image.save(folder / f"{batch['id'][i]}_{k}.png")
-                name = f"{batch['id'][i]}_codes.json"
-            (folder / name).write_text(json.dumps({"scale": self.drawer.scale, "codes": row_codes}) + "\n")
+                    save_image(image, self.out / task / f"{batch['id'][i]}_{k}.png")
+            write_text(self.marker(batch, i, task), json.dumps({"scale": self.drawer.scale, "codes": row_codes}) + "\n")
 
     def finish(self) -> None:
-        if self.answers:
-            write_jsonl(self.out / "answers.jsonl", self.answers)
+        report_skipped(self.skipped, self.out)

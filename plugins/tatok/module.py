@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from tarkit.data import sample_images
 from tarkit.interfaces import CodebookProjection, Quantizer, VisionEncoder
 from tarkit.tatok import TATok, pool_tokens
 from tarkit.training import TarkitModule
+from tarkit_plugins.prediction_files import ResumableJsonl, report_skipped
 
 RECON_LOSSES = ("cosine", "mse", "cosine+mse")
 
@@ -128,24 +128,29 @@ class TATokModule(TarkitModule):
         for scale in self.tokenizer.pool_scales:
             self.shared_step(images, scale, "test")
 
-    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        indices = self.tokenizer.tokenize(sample_images(batch), self.hparams.predict_scale)
-        start = len(self._predict_rows)
-        self._predict_rows += [
-            {"image": start + i, "scale": self.hparams.predict_scale, "indices": row}
-            for i, row in enumerate(indices.tolist())
-        ]
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        """The codes of each image, a ``tokens.jsonl`` row per image (its position in the predict data), appended
+        with each batch; rows an interrupted earlier run into ``predict_dir`` wrote are kept and not redone."""
+        images = sample_images(batch)
+        positions = range(self._predicted, self._predicted + len(images))
+        self._predicted += len(images)
+        todo = [i for i, position in enumerate(positions) if position not in self._tokens.done]
+        self._skipped += len(images) - len(todo)
+        if not todo:
+            return None
+        indices = self.tokenizer.tokenize(images[todo], self.hparams.predict_scale)
+        self._tokens.append(
+            {"image": positions[i], "scale": self.hparams.predict_scale, "indices": row}
+            for i, row in zip(todo, indices.tolist(), strict=True)
+        )
         return indices
 
     def on_predict_epoch_start(self) -> None:
-        self._predict_rows = []
+        self._tokens = ResumableJsonl(Path(self.hparams.predict_dir) / "tokens.jsonl", key="image")
+        self._predicted = self._skipped = 0
 
     def on_predict_epoch_end(self) -> None:
-        out = Path(self.hparams.predict_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with (out / "tokens.jsonl").open("w") as handle:
-            for row in self._predict_rows:
-                handle.write(json.dumps(row) + "\n")
+        report_skipped(self._skipped, self.hparams.predict_dir)
 
     def exported_model(self) -> TATok:
         return self.tokenizer

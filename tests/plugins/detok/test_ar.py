@@ -325,4 +325,9 @@ def test_tiny_recipe_fits_exports_and_predicts(tmp_path, tatok_dir, tiny_vq_dir)
     assert isinstance(detok, AutoregressiveDeTokenizer) and detok.condition_dim == 96 and detok.image_size == 64
     assert (tmp_path / "samples/step_000000.png").is_file()
     main(["predict", *common, f"--model.init_args.predict_dir={tmp_path / 'predict'}"])
-    assert len(list((tmp_path / "predict").glob("*.png"))) == 4
+    drawn = sorted((tmp_path / "predict").glob("*.png"))
+    assert len(drawn) == 4
+    kept = drawn[0].read_bytes()
+    drawn[1].unlink()  # an interrupted earlier run: one image missing
+    main(["predict", *common, f"--model.init_args.predict_dir={tmp_path / 'predict'}"])
+    assert sorted((tmp_path / "predict").iterdir()) == drawn and drawn[0].read_bytes() == kept  # only it redrawn

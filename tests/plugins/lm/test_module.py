@@ -160,3 +160,54 @@ def test_predict_answers_questions_and_writes_geneval_layout(tar_dir, tatok_dir,
         assert json.loads((folder / "metadata.jsonl").read_text())["tag"]
         codes = json.loads((folder / "codes.json").read_text())
         assert codes["scale"] == 3 and [len(c) for c in codes["codes"]] == [16]
+
+
+def test_a_killed_predict_resumes_without_redoing_or_losing_items(tar_dir, tatok_dir, tmp_path, capsys):
+    """SIGKILL once the first answers are on disk; the re-run into the same folder answers only the rest. A
+    GenEval folder without its marker (codes.json, written last) and a torn JSONL line are redone."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    renders = tmp_path / "renders"
+    main(["shapesworld", "render", "--num", "3", "--out", str(renders)])  # 12 POPE questions
+    common = ["predict", "--config", str(ROOT / "recipes/tiny/lm.yaml"), f"--model.init_args.tatok={tatok_dir}",
+              f"--model.init_args.lm.init_args.pretrained={tar_dir}", "--model.init_args.predict_scale=3",
+              f"--trainer.default_root_dir={tmp_path / 'run'}", "--data=prompts", "--trainer.enable_progress_bar=false",
+              f"--data.init_args.path={renders / 'pope_questions.jsonl'}", "--data.init_args.batch_size=1",
+              f"--model.init_args.predict_dir={tmp_path / 'answers'}"]
+    answers = tmp_path / "answers" / "answers.jsonl"
+    killed = subprocess.Popen([str(Path(sys.executable).parent / "tarkit"), *common], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    while not (answers.is_file() and answers.read_bytes().count(b"\n") >= 2):
+        assert killed.poll() is None, killed.stderr.read()
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate(timeout=60)
+    assert killed.returncode == -signal.SIGKILL
+    written = answers.read_bytes()
+    assert 2 <= written.count(b"\n") < 12
+    answers.write_bytes(written + b'{"question_id": "00002-3", "te')  # as if the kill had cut a line
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="last line was cut off"):
+        main(common)
+    kept = len(written.splitlines())
+    assert f"tarkit predict: {kept} item(s) already complete" in capsys.readouterr().err
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert rows[:kept] == [json.loads(line) for line in written.splitlines()]  # nothing redone
+    assert sorted(r["question_id"] for r in rows) == sorted(f"{i:05d}-{q}" for i in range(3) for q in range(4))
+
+    main(["shapesworld", "prompts", "--num", "2", "--out", str(tmp_path / "prompts.jsonl")])
+    geneval = [*common[:-3], f"--data.init_args.path={tmp_path / 'prompts.jsonl'}",
+               f"--model.init_args.predict_dir={tmp_path / 'geneval'}"]
+    main(geneval)
+    first = tmp_path / "geneval" / "00001"
+    (first / "codes.json").unlink()  # killed mid-item: samples may be there, the marker is not
+    kept_folder = (tmp_path / "geneval" / "00000" / "codes.json").read_bytes()
+    capsys.readouterr()
+    main(geneval)
+    assert "1 item(s) already complete" in capsys.readouterr().err
+    assert (first / "codes.json").is_file()
+    assert (tmp_path / "geneval" / "00000" / "codes.json").read_bytes() == kept_folder  # not redrawn
+    assert not list((tmp_path / "geneval").rglob("*.partial"))

@@ -75,6 +75,13 @@ def test_tiny_tatok_fits_exports_and_predicts(tmp_path, teacher_dir):
     rows = [json.loads(line) for line in (predict_dir / "tokens.jsonl").read_text().splitlines()]
     assert len(rows) >= 4 and all(row["scale"] == 3 and len(row["indices"]) == 16 for row in rows)
     assert all(0 <= i < 1024 for row in rows for i in row["indices"])
+    # an interrupted earlier run: the first row's line kept, the rest lost; the re-run adds the rest only
+    (predict_dir / "tokens.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    main(["predict", "--config", TATOK, *SMALL_DATA, f"--model.init_args.encoder.init_args.pretrained={teacher_dir}",
+          f"--model.init_args.predict_dir={predict_dir}", "--model.init_args.predict_scale=3",
+          f"--trainer.default_root_dir={tmp_path}"])
+    again = [json.loads(line) for line in (predict_dir / "tokens.jsonl").read_text().splitlines()]
+    assert sorted(again, key=lambda row: row["image"]) == rows
 
 
 @pytest.mark.parametrize("layer", ["codebook/learned.yaml", "encoder/timm.yaml"])
