@@ -7,10 +7,14 @@ caption and/or a ``json`` object with the fields of an ``image_text`` JSONL row:
 ``image_text`` datamodule for them.
 
 Shards are split by node, then by DataLoader worker, so no shard is read twice in an epoch (with fewer shards
-than workers some workers stay idle). Images are decoded with tarkit's ``load_image`` so modes convert as
-everywhere else. A corrupt image, a sample without a caption or an unreadable shard is skipped with a
-``DataWarning`` (counted per worker process); samples whose tasks ``task_ratios`` disables all are left out
-silently, that being a choice rather than a data problem.
+than workers some workers stay idle). The node split uses the rank and world size read when the loader is built, in
+the main process (the trainer's, under Lightning), not webdataset's reading in each worker: a worker started by
+``spawn`` or ``forkserver`` (macOS; Linux from Python 3.14) has no process group to ask, and without ``RANK`` in the
+environment (Lightning's launcher sets only ``WORLD_SIZE``) it would read every shard on every rank.
+
+Images are decoded with tarkit's ``load_image`` so modes convert as everywhere else. A corrupt image, a sample
+without a caption or an unreadable shard is skipped with a ``DataWarning`` (counted per worker process); samples
+whose tasks ``task_ratios`` disables all are left out silently, that being a choice rather than a data problem.
 
 The task of a sample is chosen by ``TaskMix`` from a stable index, the CRC32 of its shard's file name and key, and
 the epoch: it does not depend on the number of workers, the shuffle, the sample's position in the stream or where
@@ -20,6 +24,7 @@ the shards are mounted (a copy of the data on another machine or bucket draws th
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import random
 import zlib
@@ -63,6 +68,8 @@ class ShardDataset(wds.DataPipeline):
         shuffle_buffer: shuffle samples within a buffer of this many per worker (0: stream order).
         seed: seed of the shard and sample shuffles.
         epoch_length: if set, samples per epoch and worker; the shards are cycled to fill it (``with_epoch``).
+        node: this process's ``(rank, world size)``; None reads them now as webdataset does (``RANK`` and
+            ``WORLD_SIZE``, else an initialised process group, else one process).
     """
 
     def __init__(
@@ -75,8 +82,10 @@ class ShardDataset(wds.DataPipeline):
         shuffle_buffer: int = 0,
         seed: int = 0,
         epoch_length: int | None = None,
+        node: tuple[int, int] | None = None,
     ):
         self.urls = expand_shard_urls(urls)
+        self.rank, self.world_size = wds.utils.pytorch_worker_info()[:2] if node is None else node
         self.mix = mix
         self.image_size = image_size
         self.default_question = default_question
@@ -87,7 +96,7 @@ class ShardDataset(wds.DataPipeline):
         self.skips = SkipCounter("webdataset")
         stages = [
             self._shard_urls,
-            wds.split_by_node,
+            self._split_by_node,
             wds.split_by_worker,
             wds.tarfile_to_samples(handler=self._skip_unreadable),
         ]
@@ -108,13 +117,16 @@ class ShardDataset(wds.DataPipeline):
             random.Random(f"{self.seed}/{self.epoch}").shuffle(urls)
         return iter([{"url": url} for url in urls])
 
+    def _split_by_node(self, urls: Iterator[dict[str, str]]) -> Iterator[dict[str, str]]:
+        return itertools.islice(urls, self.rank, None, self.world_size)
+
     def _skip_unreadable(self, error: Exception) -> bool:
         self.skips.skip("unreadable shard data", error)
         return True  # go on with the next file or shard
 
     def _shuffle(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        rank, _, worker, _ = wds.utils.pytorch_worker_info()
-        rng = random.Random(f"{self.seed}/{self.epoch}/{rank}/{worker}")
+        worker = wds.utils.pytorch_worker_info()[2]
+        rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}")
         return wds.shuffle(self.shuffle_buffer, rng=rng)(samples)
 
     def _to_samples(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -195,6 +207,13 @@ class WebDatasetDataModule(RecordDataModule):
         self.shuffle_shards = shuffle_shards
         self.epoch_length = epoch_length
 
+    def node(self) -> tuple[int, int]:
+        """This process's ``(rank, world size)``: the trainer's when one is attached (right under every strategy and
+        launcher Lightning supports), else webdataset's reading of the environment."""
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        return wds.utils.pytorch_worker_info()[:2]
+
     def train_dataloader(self) -> DataLoader:
         # webdataset's with_epoch counts per worker; split the per-process length between the workers.
         per_worker = None if self.epoch_length is None else -(-self.epoch_length // max(1, self.num_workers))
@@ -207,11 +226,12 @@ class WebDatasetDataModule(RecordDataModule):
             shuffle_buffer=self.shuffle_buffer,
             seed=self.seed,
             epoch_length=per_worker,
+            node=self.node(),
         )
         return EpochDataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_urls is None:
             return []  # Lightning skips validation for an empty list
-        dataset = ShardDataset(self.val_urls, self.mix, self.image_size, self.default_question)
+        dataset = ShardDataset(self.val_urls, self.mix, self.image_size, self.default_question, node=self.node())
         return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers)
