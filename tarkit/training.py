@@ -1,12 +1,11 @@
-"""The base of tarkit's training modules: what every built-in LightningModule shares, written once.
+"""The base of tarkit's training modules: what every built-in LightningModule shares, written once. A third-party
+module may still be a plain ``LightningModule``; one built on :class:`TarkitModule` gets, from its hyperparameters and
+a few hooks:
 
-A third-party module may still be a plain ``LightningModule``; one built on :class:`TarkitModule` gets, from
-its hyperparameters and a few hooks:
-
-* AdamW over :meth:`~TarkitModule.trainable_parameters` (``lr``, ``weight_decay``), with a per-step linear
-  warm-up and cosine decay when it has ``warmup_steps`` (a constant rate without);
-* the export at the end of fit to ``export_dir`` (:meth:`~TarkitModule.export`: by default the
-  ``save_pretrained`` of :meth:`~TarkitModule.exported_model`), on the global-zero process only;
+* AdamW over :meth:`~TarkitModule.trainable_parameters` (``lr``, ``weight_decay``), with a per-step linear warm-up and
+  cosine decay when it has ``warmup_steps`` (a constant rate without);
+* the export at the end of fit to ``export_dir`` (:meth:`~TarkitModule.export`: by default the ``save_pretrained`` of
+  :meth:`~TarkitModule.exported_model`) by the global-zero process, under FSDP from the parameters gathered whole;
 * frozen parts (:meth:`~TarkitModule.frozen_parts`) kept in eval mode whatever ``train()`` is called with;
 * its ``nn.Linear`` layers run through :mod:`tarkit.cpu_linear` (from ``setup``: faster kernels on CPU in fp32);
 * one way to load a frozen TA-Tok (a tarkit folder or any file a converter reads, :func:`tarkit.tatok.load_tatok`);
@@ -17,12 +16,15 @@ its hyperparameters and a few hooks:
 from __future__ import annotations
 
 import random
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from tarkit.cpu_linear import use_cpu_linears
 from tarkit.optim import adamw_warmup_cosine
@@ -32,8 +34,6 @@ from tarkit.tatok import TATok, load_tatok
 
 class TarkitModule(LightningModule):
     """A LightningModule with tarkit's shared training machinery (see the module docstring)."""
-
-    train_scales: list[int]
 
     def frozen_parts(self) -> list[nn.Module]:
         """Parts that never train: kept in eval mode (no dropout, fixed statistics)."""
@@ -62,20 +62,20 @@ class TarkitModule(LightningModule):
         return self
 
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
+        hp, steps, owner = self.hparams, self.trainer.estimated_stepping_batches, type(self).__name__
         return adamw_warmup_cosine(
-            self.trainable_parameters(),
-            hp.lr,
-            hp.weight_decay,
-            hp.get("warmup_steps"),
-            self.trainer.estimated_stepping_batches,
-            owner=type(self).__name__,
+            self.trainable_parameters(), hp.lr, hp.weight_decay, hp.get("warmup_steps"), steps, owner=owner
         )
 
     def on_fit_end(self) -> None:
-        folder = self.hparams.get("export_dir")
-        if folder and self.trainer.is_global_zero:
-            self.export(folder)
+        folder, strategy = self.hparams.get("export_dir"), self.trainer.strategy
+        # FSDP shards every parameter: all ranks gather them whole onto rank 0 (views of one buffer: saved as copies)
+        sharded = folder and isinstance(strategy, FSDPStrategy)
+        with FSDP.summon_full_params(strategy.model, writeback=False, rank0_only=True) if sharded else nullcontext():
+            if folder and self.trainer.is_global_zero:
+                for param in self.parameters() if sharded else ():
+                    param.data = param.data.clone()
+                self.export(folder)
 
     @staticmethod
     def load_frozen_tatok(path: str) -> TATok:
@@ -100,16 +100,16 @@ class TarkitModule(LightningModule):
         raise NotImplementedError(f"{type(self).__name__} draws no sample grid")
 
     @torch.no_grad()
-    def write_sample_grid(self, images: torch.Tensor) -> Path:
-        """Originals over their :meth:`redraw` as one PNG under ``<default_root_dir>/samples/`` (and TensorBoard)."""
+    def write_sample_grid(self, images: torch.Tensor) -> Path | None:
+        """Originals over their :meth:`redraw` as one PNG under ``<default_root_dir>/samples/`` (and TensorBoard),
+        written by rank 0; every rank redraws, as FSDP's sharded parts gather their parameters in lockstep."""
         was_training = self.training
         self.eval()
-        redrawn = self.redraw(images)
-        self.train(was_training)
-        return log_comparison_grid(self.trainer, images, redrawn)
+        redrawn, _ = self.redraw(images), self.train(was_training)
+        return log_comparison_grid(self.trainer, images, redrawn) if self.trainer.is_global_zero else None
 
     def maybe_write_sample_grid(self, images: torch.Tensor) -> None:
         """:meth:`write_sample_grid` of the first ``num_samples`` images every ``sample_every_n_steps`` steps."""
         every = self.hparams.get("sample_every_n_steps")
-        if every and self.global_step % every == 0 and self.trainer.is_global_zero:
+        if every and self.global_step % every == 0:
             self.write_sample_grid(images[: self.hparams.get("num_samples", 8)])

@@ -1,5 +1,5 @@
-"""Data-parallel training on many processes: a 2-process DDP fit (gloo, CPU) of the tiny teacher trains what one
-process trains at the same global batch.
+"""Training on many processes: a 2-process DDP fit (gloo, CPU) of the tiny teacher trains what one process trains
+at the same global batch, and under FSDP the export at fit end writes whole weights, not rank 0's shard.
 
 Both runs use Lightning's ``ddp`` strategy, the reference with one device, so both read the training set through the
 ``DistributedSampler`` Lightning puts in (seeded by ``seed_everything``): its permutation is the same for any world
@@ -22,8 +22,14 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
+from lightning.pytorch.strategies import FSDPStrategy
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+from .test_training import TinyModel, TinyModule
 
 ROOT = Path(__file__).resolve().parents[1]
 TARKIT = str(Path(sys.executable).parent / "tarkit")
@@ -97,3 +103,28 @@ def test_rank_zero_exports_and_checkpoints_once(runs: dict[int, Path]) -> None:
         shapes[devices] = {name: w.shape for name, w in load_file(folder / "model.safetensors").items()}
         assert (root / "runs" / "teacher" / "checkpoints" / "last.ckpt").exists()
     assert shapes[1] == shapes[2] and shapes[1]  # whole, not a half-written file of two racing writers
+
+
+def export_under_fsdp(rank: int, port: int, folder: str) -> None:
+    """One of 2 ranks: a TarkitModule wrapped in FSDP (sharded over the ranks, as Lightning's FSDPStrategy wraps it)
+    ends its fit; rank 0 exports."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    module = TinyModule(export_dir=folder)
+    strategy = FSDPStrategy()
+    strategy.model = FSDP(module, use_orig_params=True, device_id=torch.device("cpu"))
+    assert module.model.linear.weight.shape != (4, 4)  # each rank holds a flat shard: rank 0 alone has no whole weight
+    module.trainer = SimpleNamespace(strategy=strategy, is_global_zero=rank == 0)
+    module.on_fit_end()
+    torch.distributed.destroy_process_group()
+
+
+def test_the_export_under_fsdp_writes_the_whole_weights(tmp_path: Path) -> None:
+    # Lightning's FSDPStrategy wants a GPU; torch's FSDP itself runs on CPU with gloo, which is what the export meets
+    torch.multiprocessing.spawn(export_under_fsdp, args=(free_port(), str(tmp_path / "export")), nprocs=2)
+    torch.manual_seed(0)
+    expected = TinyModule().model.state_dict()
+    exported = TinyModel.from_pretrained(tmp_path / "export").state_dict()
+    assert exported.keys() == expected.keys()
+    assert all(torch.equal(exported[name], weight) for name, weight in expected.items())
