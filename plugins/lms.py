@@ -215,6 +215,11 @@ class HFCausalLM(LanguageModel):
         return self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
 
     @property
+    def context_length(self) -> int | None:
+        """The longest sequence the model is built for (its config's ``max_position_embeddings``), if it says."""
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    @property
     def output_head(self) -> nn.Module:
         """The LM head (``nn.Linear``, ``weight [V, H]``): restrict it to the image rows for image sampling."""
         return self.model.get_output_embeddings()

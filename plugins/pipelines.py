@@ -11,10 +11,13 @@ was trained on (1 without a record), T2I's ``cfg_scale``/``temperature``/``top_k
 ``tatok`` may be left out when the folder names a TA-Tok that exists. A scale the LM never saw in training is
 allowed, with an :class:`UnseenScaleWarning`.
 
-Images may be paths, PIL images, numpy arrays, tensors or lists of these (:func:`tarkit.images.images_to_batch`).
+Images may be paths, PIL images, numpy arrays, tensors or lists of these
+(:func:`tarkit_plugins.image_inputs.images_to_batch`).
 Prompts are strings. An empty question to :class:`ImageToTextPipeline` asks for a caption ("Describe the image.", the
 question the datamodules give caption records); an empty prompt to :class:`TextToImagePipeline` is the unconditional
-prompt classifier-free guidance contrasts with, so it draws an unconditional sample.
+prompt classifier-free guidance contrasts with, so it draws an unconditional sample. A prompt too long for the
+LM's context (its ``context_length``, a Hugging Face config's ``max_position_embeddings``) together with what is
+generated after it is refused with a one-line ``ValueError``, never truncated: a cut prompt asks something else.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ import torch
 from PIL import Image
 
 from tarkit import tatok as tatoks
-from tarkit.images import ImageInput, images_to_batch
 from tarkit.interfaces import DeTokenizer, LanguageModel
 from tarkit.paths import resolve_path
 from tarkit.pretrained import config_class
@@ -40,6 +42,7 @@ from tarkit.registry import registry
 from tarkit.tatok import TATok
 from tarkit.vocab import ImageVocabulary
 from tarkit_plugins.detok.autoencoder import MMAutoEncoder
+from tarkit_plugins.image_inputs import ImageInput, images_to_batch
 from tarkit_plugins.lm.generation import generate_image_codes, generate_text
 from tarkit_plugins.lm.reflect import DEFAULT_QUESTION, best_of, prompt_log_likelihood
 from tarkit_plugins.lm.settings import TarSettings, read_settings, settings_of
@@ -224,6 +227,16 @@ class _TarPipeline:
     def tokenizer(self) -> Any:
         return self.lm.tokenizer
 
+    def check_context(self, prompts: list[list[int]], generated: int, what: str, fix: str) -> None:
+        """A one-line ``ValueError`` if the longest prompt plus ``generated`` tokens exceeds the LM's context
+        (an LM without ``context_length`` is not checked)."""
+        limit, longest = getattr(self.lm, "context_length", None), max(len(p) for p in prompts)
+        if limit is not None and longest + generated > limit:
+            raise ValueError(
+                f"the prompt is {longest} tokens and {what} {generated} more, beyond the LM's context of {limit} "
+                f"tokens (max_position_embeddings); shorten the prompt{fix}"
+            )
+
     def pixels(self, images: Images) -> torch.Tensor:
         """Any accepted image input as the TA-Tok's input batch (on its device)."""
         device = next(self.tatok.parameters()).device
@@ -277,6 +290,7 @@ class ImageToTextPipeline(_TarPipeline):
     ) -> list[str]:
         """The text answer to each prompt given as token ids up to the assistant turn (e.g. a task's ``prompt``);
         image tokens are never emitted."""
+        self.check_context(prompts, max_new_tokens, "max_new_tokens asks for", " or lower max_new_tokens")
         ids, mask = left_pad(prompts, self.tokenizer.pad_token_id)
         eos = [self.tokenizer.convert_tokens_to_ids("<|im_end|>"), self.tokenizer.eos_token_id]
         new = generate_text(
@@ -362,6 +376,8 @@ class TextToImagePipeline(_TarPipeline):
     ) -> torch.Tensor:
         """Codes ``[B, n]`` for prompts given as token ids up to the assistant turn (e.g. a task's ``prompt``);
         ``uncond_prompts`` (one row, or one per prompt) are what guidance contrasts with."""
+        num_tokens = self.tatok.tokens_per_image(self.scale)
+        self.check_context([*prompts, *uncond_prompts], 2 + num_tokens, "the image takes", " or use a larger scale")
         pad = self.tokenizer.pad_token_id
         ids, mask = left_pad(prompts, pad)
         uncond_ids, uncond_mask = left_pad(uncond_prompts, pad)
@@ -370,7 +386,7 @@ class TextToImagePipeline(_TarPipeline):
             self.vocab,
             ids,
             mask,
-            num_tokens=self.tatok.tokens_per_image(self.scale),
+            num_tokens=num_tokens,
             scale_index=self.tatok.pool_scales.index(self.scale),
             cfg_scale=self.cfg_scale,
             uncond_input_ids=uncond_ids,
@@ -380,6 +396,31 @@ class TextToImagePipeline(_TarPipeline):
             top_p=self.top_p,
             generator=generator,
         )
+
+    def codes_from_token_ids(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """The codes ``[1, n]`` of the image in a token stream generated without constraints (e.g. by the LM's own
+        ``generate``): ``<im_start><S{k}>``, exactly the ``n`` image tokens of scale ``k``, then ``<im_end>`` or
+        the end. Anything else is a one-line ``ValueError`` naming the problem; :meth:`generate_codes` samples
+        under constraints and never needs this."""
+        ids, vocab = torch.as_tensor(ids).flatten().tolist(), self.vocab
+        fix = "sample with generate_codes, which only emits image tokens inside the span"
+        if vocab.im_start not in ids:
+            raise ValueError(f"the token stream has no <im_start>, so it holds no image; {fix}")
+        opening, scales = ids.index(vocab.im_start) + 1, len(self.tatok.pool_scales)
+        if opening == len(ids) or ids[opening] not in vocab.scale_ids[:scales]:
+            raise ValueError(f"<im_start> is not followed by a scale token <S0>..<S{scales - 1}>; {fix}")
+        span = ids[opening + 1 :]
+        span = span[: span.index(vocab.im_end)] if vocab.im_end in span else span
+        scale = self.tatok.pool_scales[vocab.scale_of(ids[opening])]
+        for position, token in enumerate(span):
+            if not vocab.image_start <= token < vocab.image_end:
+                raise ValueError(f"token {token} at position {position} of the image span is not an image token; {fix}")
+        if len(span) != self.tatok.tokens_per_image(scale):
+            raise ValueError(
+                f"the image span holds {len(span)} image tokens but scale {scale} takes "
+                f"{self.tatok.tokens_per_image(scale)}; {fix}"
+            )
+        return torch.tensor([span]) - vocab.image_start
 
     def reflect(self, prompts: list[str], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Self-reflection: ``candidates`` codes per prompt, each scored by the LM's prompt likelihood.

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextvars
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 from tarkit import __version__
 from tarkit.commands import CommandError
@@ -73,6 +75,22 @@ def install_part_resolver() -> None:
     _typehints.resolve_class_path_by_name = resolve_class_path_by_name
 
 
+# jsonargparse explains a refused value as a tree (each type it tried, the value it got); one line keeps the keys
+# down to the innermost complaint.
+_NOISE = ("Does not validate", "Subtypes:", "Errors:", "Given value", "Problem with given", "Expected a <class 'None")
+
+
+def parse_error_line(message: str) -> str:
+    """A parse error of jsonargparse on one line: ``key.init_args.key: complaint``."""
+    keys, said = [], []
+    for line in message.splitlines():
+        text = line.strip().removeprefix("- ")
+        if key := re.match(r'Parser key "([^"]+)":\s*', text):
+            keys, text = [*keys, key[1]], text[key.end() :]
+        said += [text] if text and not text.startswith(_NOISE) else []
+    return ".init_args.".join(keys) + ": " * bool(keys) + " ".join(said)
+
+
 def _config_files(args: list[str]) -> list[Path]:
     """The ``--config`` files named on a Lightning command line (both ``--config F`` and ``--config=F``)."""
     files = [Path(b) for a, b in zip(args, args[1:], strict=False) if a == "--config"]
@@ -80,11 +98,14 @@ def _config_files(args: list[str]) -> list[Path]:
 
 
 def _lightning_cli(args: list[str], verbose: bool) -> None:
+    from jsonargparse import Namespace
     from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
     from lightning.pytorch.plugins.io import CheckpointIO
 
+    from tarkit.checkpoints import load_checkpoint
+    from tarkit.pretrained import PretrainedLoadError
     from tarkit.recipe_paths import MissingStageError, check_inputs, resolve_root_paths
     from tarkit.resumable import AtomicCheckpointIO, StepSeeds
     from tarkit.run_logging import default_callbacks, default_checkpoint, default_loggers
@@ -95,11 +116,22 @@ def _lightning_cli(args: list[str], verbose: bool) -> None:
     # A missing `root:` input names the recipe that writes it: look beside the recipes given, then recipes/.
     recipe_dirs = dict.fromkeys([f.parent for f in _config_files(args)] + [Path("recipes/tiny"), Path("recipes")])
 
+    def fail(message: str) -> NoReturn:
+        print(f"tarkit: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+    for recipe in _config_files(args):
+        try:
+            recipe.is_file() and recipe.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            fail(f"{recipe} is not UTF-8 ({err.reason} at byte {err.start}); save the recipe as UTF-8")
+
     class TarkitArgumentParser(LightningArgumentParser):
         def error(self, message: str, ex: Exception | None = None):  # noqa: ANN201 (argparse API)
             unknown = _unknown_part.get()
-            if unknown is not None:
-                self.exit(2, f"tarkit: error: {unknown}\n")
+            # Nested parsers (exit_on_error off) raise for jsonargparse to try the next type; TARKIT_DEBUG: all.
+            if unknown is not None or (self.exit_on_error and not os.environ.get("TARKIT_DEBUG")):
+                fail(unknown or f"{parse_error_line(message)}; fix the recipe (`tarkit {args[0]} --help` lists keys)")
             super().error(message, ex)
 
     class TarkitCLI(LightningCLI):
@@ -108,14 +140,32 @@ def _lightning_cli(args: list[str], verbose: bool) -> None:
             parser.__class__ = TarkitArgumentParser
             return parser
 
+        def _parse_ckpt_path(self) -> None:
+            # Lightning reads a --ckpt_path file for its hyper-parameters right after parsing: check it first.
+            self.check_checkpoint(self.config.get(self.config.get("subcommand") or "") or {})
+            super()._parse_ckpt_path()
+
+        def check_checkpoint(self, config: Namespace) -> None:
+            """Read a --ckpt_path file memory-mapped and weights-only: a pickled object or a damaged file is one
+            line, not a traceback (unless --weights_only false: the user's call)."""
+            path = str(config.get("ckpt_path") or "")  # Lightning's own names and URLs are Lightning's to read
+            mine = path and path not in ("best", "last", "hpc") and not path.startswith(("registry", "root:"))
+            if config.get("weights_only") is not False and mine and "://" not in path:
+                try:
+                    load_checkpoint(path, mmap=True)
+                except PretrainedLoadError as err:
+                    fail(str(err))
+
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand]
             try:
                 check_inputs(config, recipe_dirs)
             except MissingStageError as err:
-                print(f"tarkit: error: {err}", file=sys.stderr)
-                raise SystemExit(2) from None
+                fail(str(err))
             resolve_root_paths(config)
+            self.check_checkpoint(config)  # again: a root: path is a file only now
+            # torch's default, made explicit: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD may not turn it off, --weights_only may.
+            config["weights_only"] = True if config.get("weights_only") is None else config["weights_only"]
             data = config.get("data") or {}
             configure_threads(workers=int((data.get("init_args") or {}).get("num_workers") or 0))
 
@@ -158,9 +208,7 @@ def _lightning_cli(args: list[str], verbose: bool) -> None:
                 root = err
                 while root.__cause__ is not None or (root.__context__ is not None and not root.__suppress_context__):
                     root = root.__cause__ or root.__context__
-                message = " ".join(str(root).split()) or type(root).__name__
-                print(f"tarkit: error: the recipe's parts could not be built: {message}", file=sys.stderr)
-                raise SystemExit(2) from None
+                fail(f"the recipe's parts could not be built: {' '.join(str(root).split()) or type(root).__name__}")
 
     registry.load_all()
     install_part_resolver()

@@ -264,11 +264,23 @@ class PretrainedMixin:
             if not needed.is_file():
                 raise PretrainedLoadError(f"{folder} has no {needed.name}; is it a tarkit pretrained folder?")
         try:
-            config = json.loads(config_file.read_text())
-        except json.JSONDecodeError as err:
-            raise PretrainedLoadError(f"{config_file} is not valid JSON: {err}") from err
-        model = cls.from_config(config)
-        state = load_file(str(weights_file), device=str(map_location))
+            config = json.loads(config_file.read_bytes().decode("utf-8"))
+        except ValueError as err:  # JSON and UTF-8 errors alike
+            raise PretrainedLoadError(f"{config_file} is not valid UTF-8 JSON ({err}); save the folder again") from err
+        try:
+            model = cls.from_config(config)
+        except Exception as err:  # a typo'd or wrongly typed argument, whatever type of error its class raises
+            if isinstance(err, PretrainedLoadError):
+                raise
+            message = " ".join(str(err).split())
+            raise PretrainedLoadError(f"{config_file} does not build its model ({message}); fix init_args") from err
+        try:
+            state = load_file(str(weights_file), device=str(map_location))
+        except Exception as err:  # safetensors raises its own error type for a damaged or foreign file
+            raise PretrainedLoadError(
+                f"{weights_file} is not a readable safetensors file ({err}); it is damaged or truncated: save or "
+                "download the folder again"
+            ) from err
         check_state_dict(model, state, str(weights_file))
         model.load_state_dict(state, strict=False)  # strictness checked above; tied aliases are absent
         return model.to(map_location)

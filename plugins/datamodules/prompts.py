@@ -66,7 +66,8 @@ class PromptDataset(Dataset):
             try:
                 pixels = image_to_tensor(load_image(self.root / image), self.image_size)
             except (OSError, ValueError) as err:
-                raise DataFormatError(f"{what}: cannot read image {image}: {err}") from err
+                detail = " ".join(str(err).split())
+                raise DataFormatError(f"{what}: cannot read image {image}: {detail}; replace or remove it") from err
         return {
             "kind": kind,
             "id": row_id,

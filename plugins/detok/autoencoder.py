@@ -67,10 +67,9 @@ class MMAutoEncoder:
         generator: torch.Generator | None = None,
         **sampling: Any,
     ) -> torch.Tensor:
-        """TA-Tok codes ``[B, n]`` (any pool scale) -> ``uint8`` images ``[B, 3, H, W]``."""
-        if indices.ndim != 2:
-            raise ValueError(f"expected code indices [B, n], got shape {tuple(indices.shape)}")
-        condition = self.tatok.decode_features(indices.to(self.device))
+        """TA-Tok codes ``[B, n]`` (any pool scale) -> ``uint8`` images ``[B, 3, H, W]``; codes that are not one
+        image's at one of the TA-Tok's scales are a one-line ``ValueError`` (:meth:`check_codes`)."""
+        condition = self.tatok.decode_features(self.check_codes(indices).to(self.device))
         images = self.detokenizer.sample(
             condition,
             cfg_scale=self.cfg_scale if cfg_scale is None else cfg_scale,
@@ -78,6 +77,25 @@ class MMAutoEncoder:
             **{**self.sampling, **sampling},
         )
         return to_uint8(images)
+
+    def check_codes(self, indices: Any) -> torch.Tensor:
+        """``indices`` if it holds one whole image's codes per row, ``[B, n]`` integers in ``[0, K)`` with ``n``
+        the token count of one of the TA-Tok's scales; else a one-line ``ValueError`` saying what to pass."""
+        shape = tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__
+        if not isinstance(indices, torch.Tensor) or indices.ndim != 2 or indices.dtype.is_floating_point:
+            raise ValueError(f"expected code indices [B, n] as an integer torch tensor, got {shape}")
+        counts = {self.tatok.tokens_per_image(s): s for s in self.tatok.pool_scales}
+        if indices.shape[1] not in counts:
+            raise ValueError(
+                f"got {indices.shape[1]} codes per image, but this TA-Tok's scales {self.tatok.pool_scales} take "
+                f"{', '.join(map(str, counts))}; pass all of one image's codes per row"
+            )
+        if indices.numel() and (indices.min() < 0 or indices.max() >= self.tatok.num_codes):
+            raise ValueError(
+                f"codes must lie in [0, {self.tatok.num_codes}) (this TA-Tok's codebook), got "
+                f"[{indices.min()}, {indices.max()}]; decode codes made by this TA-Tok"
+            )
+        return indices
 
     @torch.no_grad()
     def reconstruct(

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from tarkit.checkpoints import read_official_spec, spec_args
 from tarkit.interfaces import TATokConverter
 from tarkit.paths import resolve_path
 from tarkit.pretrained import PretrainedLoadError, check_state_dict
@@ -24,6 +23,7 @@ from tarkit.tatok import LoadedTATok, TATok
 from tarkit_plugins.codebooks import TextAlignedCodebook
 from tarkit_plugins.encoders import SigLIP2Encoder
 from tarkit_plugins.quantizers import SimVQ
+from tarkit_plugins.reference_files import read_official_spec, spec_args
 
 
 def _require(state: dict[str, torch.Tensor], key: str, source: str) -> torch.Tensor:

@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 
 import tarkit_plugins.pipelines as pipelines
-from tarkit.images import IMAGE_INPUTS, images_to_batch
 from tarkit.tatok import TATok
 from tarkit_plugins.codebooks import LearnedCodebook
 from tarkit_plugins.detok.ar import AutoregressiveDeTokenizer
 from tarkit_plugins.detok.pixel_vq import PixelVQ
 from tarkit_plugins.encoders import SigLIP2Encoder
+from tarkit_plugins.image_inputs import IMAGE_INPUTS, images_to_batch
 from tarkit_plugins.lm.settings import (
     GenerationDefaults,
     TarSettings,
