@@ -3,7 +3,10 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from lightning.pytorch import Trainer
+from lightning.pytorch.cli import LightningArgumentParser
 
 from tarkit.cli import main
 
@@ -11,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 FULL = sorted(p for p in RECIPES.rglob("*.yaml") if "ablations" not in p.parts)
 SPECS = sorted((RECIPES / "ablations").glob("*.yaml"))
+PAPER = sorted((RECIPES / "paper").glob("*.yaml"))
 
 
 def variants():
@@ -50,3 +54,17 @@ def test_every_ablation_layer_belongs_to_a_spec():
     }
     on_disk = {p.relative_to(ROOT) for p in (RECIPES / "ablations").rglob("*.yaml") if p.parent.name != "ablations"}
     assert on_disk == listed
+
+
+@pytest.mark.parametrize("recipe", PAPER, ids=lambda p: p.stem)
+def test_paper_recipes_name_their_gpu_strategy(recipe, capsys, monkeypatch):
+    trainer = print_config([recipe], capsys, monkeypatch)["trainer"]
+    assert trainer["accelerator"] == "gpu" and trainer["precision"] == "bf16-mixed"
+    assert trainer["strategy"]["class_path"] == "lightning.pytorch.strategies.FSDPStrategy"
+    # --print_config leaves the wrap policies (sets of classes) out: parse them as the Trainer receives them
+    parser = LightningArgumentParser()
+    parser.add_lightning_class_args(Trainer, "trainer")
+    strategy = parser.parse_object({"trainer": yaml.safe_load(recipe.read_text())["trainer"]}).trainer.strategy
+    layers = strategy.init_args.activation_checkpointing_policy
+    assert layers and layers == strategy.init_args.auto_wrap_policy  # one FSDP unit per checkpointed block
+    assert all(isinstance(layer, type) and issubclass(layer, torch.nn.Module) for layer in layers)
