@@ -22,8 +22,8 @@ from transformers.utils import logging as hf_logging
 
 from tarkit.interfaces import VisionEncoder
 from tarkit.paths import resolve_path
-from tarkit.presets import preset_values
 from tarkit.pretrained import PretrainedLoadError, resolve_pretrained_dir
+from tarkit_plugins.presets import preset_values
 
 SIGLIP_PRESETS: dict[str, dict[str, Any]] = {
     # google/siglip2-so400m-patch14-384, the paper's encoder: 384 / 14 = 27 -> 729 patches of width 1152.

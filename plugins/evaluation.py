@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from tarkit.data import DataFormatError
-from tarkit.jsonl import read_jsonl
+from tarkit_plugins.jsonl import read_jsonl
 from tarkit_plugins.prediction_files import save_image, write_text
 
 GENEVAL_TAGS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")

@@ -19,12 +19,12 @@ from transformers.utils import logging as hf_logging
 
 from tarkit.interfaces import LanguageModel
 from tarkit.paths import resolve_path
-from tarkit.presets import preset_values
 from tarkit.pretrained import PretrainedLoadError, resolve_pretrained_dir
 from tarkit.vocab import IM_START, ImageVocabulary
 from tarkit_plugins.lm.cached_decoder import HFCachedDecoder
 from tarkit_plugins.lm.tokenizers import QWEN2, TOKENIZER_FILES, load_tokenizer
 from tarkit_plugins.lm.vocab_expansion import check_vocabulary, expand_vocabulary
+from tarkit_plugins.presets import preset_values
 
 LM_PRESETS: dict[str, dict[str, Any]] = {
     # CPU miniature. The vocabulary (set from the tokenizer) dominates: tied embeddings keep one matrix of it.

@@ -20,8 +20,8 @@ from typing import Any
 from PIL import Image
 
 from tarkit.data import DataWarning
-from tarkit.jsonl import read_jsonl
 from tarkit.resumable import atomic_write
+from tarkit_plugins.jsonl import read_jsonl
 
 
 def save_image(image: Image.Image, path: str | Path) -> None:

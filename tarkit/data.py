@@ -148,19 +148,19 @@ class EpochDataLoader(DataLoader):
         super().__init__(*args, **kwargs)
         self.passes, self.yielded, self.finished, self._skip = 0, 0, False, 0
         self._first_seed = None if self.generator is None else self.generator.initial_seed()
+        self._iterable = isinstance(self.dataset, torch.utils.data.IterableDataset)
 
     def state_dict(self) -> dict[str, int]:
         return {"passes": self.passes, "yielded": self.yielded, "finished": self.finished}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        in_a_pass = state["passes"] > 0 and not state["finished"]
-        self.passes = state["passes"] - 1 if in_a_pass else state["passes"]
-        self._skip = state["yielded"] if in_a_pass else 0
+        in_a_pass = state["passes"] > 0 and not state["finished"]  # else the next pass starts from its beginning
+        self.passes, self._skip = (state["passes"] - 1, state["yielded"]) if in_a_pass else (state["passes"], 0)
 
     @property
     def _index_sampler(self) -> Any:  # torch's iterator reads its batches' indices here, once per pass
         sampler = super()._index_sampler
-        return _Skipping(sampler, self._skip) if self._skip and not self._iterable_dataset() else sampler
+        return _Skipping(sampler, self._skip) if self._skip and not self._iterable else sampler
 
     def __iter__(self):
         self.dataset.set_epoch(self.passes)
@@ -169,20 +169,17 @@ class EpochDataLoader(DataLoader):
         self.passes, self.yielded, self.finished = self.passes + 1, self._skip, False
         batches = super().__iter__()
         skip, self._skip = self._skip, 0
-        for _ in range(skip if self._iterable_dataset() else 0):
+        for _ in range(skip if self._iterable else 0):
             next(batches, None)
         for batch in batches:
             self.yielded += 1
             yield batch
         self.finished = True
 
-    def _iterable_dataset(self) -> bool:
-        return isinstance(self.dataset, torch.utils.data.IterableDataset)
-
 
 class _Skipping:
-    """A sampler of batch indices without its first ``skip`` batches (its length stays the whole pass's: Lightning
-    counts the resumed batches on from where they were)."""
+    """A sampler of batch indices without its first ``skip`` batches; its length stays the whole pass's, since
+    Lightning counts the resumed batches on from where they were."""
 
     def __init__(self, sampler: Any, skip: int):
         self.sampler, self.skip = sampler, skip

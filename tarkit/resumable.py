@@ -1,5 +1,5 @@
-"""What a killed run needs to go on as if it had never stopped: files written whole or not at all, and the
-random states a checkpoint must carry.
+"""What a killed run needs to go on as if it had never stopped: files written whole or not at all, and
+randomness that does not depend on the run's history.
 
 Lightning stages a checkpoint in the system's temporary folder and moves it into place; where that folder is
 another filesystem the move is a copy, which a kill can cut in half. :class:`AtomicCheckpointIO` writes beside
@@ -24,8 +24,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
-    """Open ``path.partial`` beside ``path`` for writing; on a clean exit flush it to disk and rename it over
-    ``path``. An error or a kill leaves ``path`` as it was (and at worst a ``.partial`` file, never read)."""
+    """Write ``path.partial``, flush it to disk and rename it over ``path``: an error or a kill leaves ``path``
+    as it was (at worst with a ``.partial`` beside it, never read)."""
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
     try:

@@ -71,13 +71,10 @@ def default_callbacks() -> list[Callback]:
     return [LearningRateMonitor(logging_interval="step"), ThroughputLogger()]
 
 
-def default_checkpoint(run_dir: str, every_n_train_steps: int = 100) -> ModelCheckpoint:
-    """The newest checkpoint under ``run_dir/checkpoints``, refreshed every ``every_n_train_steps`` and at the end."""
-    # last.ckpt alone, rewritten whole each time (AtomicCheckpointIO): a link to a step file is removed and made
-    # again on every save, and a kill in between would leave nothing to resume from.
-    return ModelCheckpoint(
-        dirpath=f"{run_dir}/checkpoints", save_last=True, save_top_k=0, every_n_train_steps=every_n_train_steps
-    )
+def default_checkpoint(run_dir: str, every: int = 100) -> ModelCheckpoint:
+    """``run_dir/checkpoints/last.ckpt`` alone, rewritten whole (AtomicCheckpointIO) every ``every`` steps and at the
+    end: a link to a step file is removed and made again on each save, which a kill could leave undone."""
+    return ModelCheckpoint(f"{run_dir}/checkpoints", save_last=True, save_top_k=0, every_n_train_steps=every)
 
 
 def log_comparison_grid(trainer: Trainer, originals: torch.Tensor, redrawn: torch.Tensor) -> Path:

@@ -26,7 +26,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from tarkit.data import DataFormatError, DataWarning, EpochDataLoader, SkipCounter, TaskMix
 from tarkit.images import image_to_tensor, load_image
-from tarkit.jsonl import iter_jsonl
 from tarkit_plugins.datamodules.common import (
     Record,
     RecordDataModule,
@@ -35,6 +34,7 @@ from tarkit_plugins.datamodules.common import (
     record_sample,
     uses_target_image,
 )
+from tarkit_plugins.jsonl import iter_jsonl
 
 
 @dataclass(frozen=True)

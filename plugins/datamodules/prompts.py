@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from tarkit.data import DataFormatError
 from tarkit.images import image_to_tensor, load_image
-from tarkit.jsonl import read_jsonl
 from tarkit_plugins.evaluation import read_geneval_prompts
+from tarkit_plugins.jsonl import read_jsonl
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 

@@ -45,10 +45,10 @@ from torch.nn import functional as F
 
 from tarkit.cpu_linear import use_cpu_linears
 from tarkit.interfaces import DeTokenizer
-from tarkit.presets import preset_values
 from tarkit.pretrained import PretrainedLoadError, check_state_dict, part_config
 from tarkit_plugins.detok.pixel_vq import PixelVQ, load_pixel_vq
 from tarkit_plugins.lm.generation import sample_next
+from tarkit_plugins.presets import preset_values
 from tarkit_plugins.reference_files import read_official_spec
 
 POSITIONS = ("absolute", "rope2d")

@@ -48,7 +48,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from tarkit.interfaces import DeTokenizer
-from tarkit.presets import preset_values
+from tarkit_plugins.presets import preset_values
 
 SCHEDULERS = {"flow_match": FlowMatchEulerDiscreteScheduler, "ddpm": DDPMScheduler, "ddim": DDIMScheduler}
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")

@@ -25,8 +25,8 @@ from torch.nn import functional as F
 
 from tarkit.checkpoints import load_checkpoint
 from tarkit.paths import resolve_path
-from tarkit.presets import preset_values
 from tarkit.pretrained import PretrainedLoadError, PretrainedMixin, check_state_dict
+from tarkit_plugins.presets import preset_values
 
 RECON_LOSSES = ("l2", "l1")
 RESTART_SOURCES = ("random", "error")

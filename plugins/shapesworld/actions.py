@@ -15,7 +15,6 @@ from PIL import Image
 from tarkit.commands import CommandError
 from tarkit.data import DataFormatError
 from tarkit.images import load_image
-from tarkit.jsonl import read_jsonl, write_jsonl
 from tarkit_plugins.evaluation import (
     geneval_scores,
     iter_geneval_folder,
@@ -23,6 +22,7 @@ from tarkit_plugins.evaluation import (
     score_pope_files,
     write_geneval_sample,
 )
+from tarkit_plugins.jsonl import read_jsonl, write_jsonl
 from tarkit_plugins.shapesworld.oracle import OracleError, answer_question, score_image
 from tarkit_plugins.shapesworld.world import SceneSampler, render
 
