@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextvars
 import os
+import pickle
 import re
 import sys
 import warnings
@@ -225,6 +226,9 @@ def _lightning_cli(args: list[str], verbose: bool) -> None:
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
         )
+    except pickle.UnpicklingError as err:  # a checkpoint Lightning found itself (--ckpt_path last, best) holds code
+        detail = " ".join(str(err).split())[:160]
+        fail(f"the checkpoint to resume from holds more than tensors, refused unread ({detail}); use one you trust")
     finally:
         sys.argv = command_line
 

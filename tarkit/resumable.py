@@ -1,10 +1,7 @@
-"""What a killed run needs to go on as if it had never stopped: files written whole or not at all, and
-randomness that does not depend on the run's history.
-
-Lightning stages a checkpoint in the system's temporary folder and moves it into place; where that folder is
-another filesystem the move is a copy, which a kill can cut in half. :class:`AtomicCheckpointIO` writes beside
-the target and renames instead, as :func:`atomic_write` does for any output file. Lightning keeps no random
-state in its checkpoints; :class:`StepSeeds` makes each step's randomness a function of the step instead.
+"""What a killed run needs to go on as if it had never stopped: files written whole or not at all (Lightning
+moves a checkpoint from the system's temporary folder, a copy a kill can cut in half where that is another
+filesystem; :func:`atomic_write` renames beside the target), and randomness that does not depend on the run's
+history (Lightning's checkpoints carry no random state; :class:`StepSeeds`).
 """
 
 from __future__ import annotations
@@ -51,12 +48,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 class StepSeeds(Callback):
     """Seeds torch (every device), numpy and Python's ``random`` before each training batch from the run's seed
-    (``seed_everything``), the epoch, the batch's index and the process's rank.
-
-    A step's randomness (dropout, stochastic quantization, noise) then depends on nothing that ran before it, so
-    a run resumed from any checkpoint draws exactly what the uninterrupted run drew (Lightning's checkpoints
-    carry no random state), and validation or a sanity check in between changes nothing. Ranks draw apart.
-    """
+    (``seed_everything``), the epoch, the batch's index and the process's rank: a step's draws (dropout,
+    stochastic quantization, noise) depend on nothing that ran before it, so a run resumed from any checkpoint
+    draws what the uninterrupted run drew, whatever validation ran in between. Ranks draw apart."""
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         run_seed = int(os.environ.get("PL_GLOBAL_SEED", "0")) % 2**32

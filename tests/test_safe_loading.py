@@ -131,16 +131,20 @@ def test_tarkit_fit_resumes_from_its_own_checkpoint_file(tmp_path):
     assert torch.load(last, weights_only=True)["global_step"] == 3  # went on from step 2
 
 
-def test_lightnings_own_checkpoint_names_are_loaded_weights_only(evil, tmp_path, monkeypatch):
+def test_lightnings_own_checkpoint_names_are_loaded_weights_only(evil, tmp_path, monkeypatch, capsys):
     """``--ckpt_path last`` is resolved by Lightning, after tarkit's up-front check; tarkit passes
-    ``weights_only=True`` explicitly, so even with torch's opt-out set the payload in last.ckpt never runs."""
+    ``weights_only=True`` explicitly, so even with torch's opt-out set the payload in last.ckpt never runs, and
+    the refusal is one line."""
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(RECIPE.format(steps=1, run=tmp_path / "run"))
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     marker = evil(tmp_path / "run" / "checkpoints" / "last.ckpt", "lightning")
-    with pytest.raises(Exception, match="Weights only load failed"):
+    with pytest.raises(SystemExit) as info:
         main(["fit", "--config", str(recipe), "--ckpt_path", "last"])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and err.count("\n") == 0
+    assert err.startswith("tarkit: error: the checkpoint to resume from holds more than tensors, refused unread")
     assert not marker.exists()
 
 
