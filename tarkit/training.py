@@ -9,7 +9,7 @@ a few hooks:
 * frozen parts (:meth:`~TarkitModule.frozen_parts`) kept in eval mode whatever ``train()`` is called with;
 * its ``nn.Linear`` layers run through :mod:`tarkit.cpu_linear` (from ``setup``: faster kernels on CPU in fp32);
 * one way to load a frozen TA-Tok (a tarkit folder or any file a converter reads, :func:`tarkit.tatok.load_tatok`);
-* a seeded pool-scale draw per batch (:meth:`~TarkitModule.draw_scale`);
+* a seeded pool-scale draw per step (:meth:`~TarkitModule.draw_scale`);
 * metric logging under ``<stage>/`` and the originals-over-redrawn image grid every ``sample_every_n_steps``.
 """
 
@@ -83,12 +83,14 @@ class TarkitModule(LightningModule):
         return load_tatok(path).tatok.requires_grad_(False).eval()
 
     def setup_scale_draw(self, train_scales: list[int], seed: int) -> None:
-        """The scales :meth:`draw_scale` draws from, one per batch, in a stream seeded by ``seed``."""
-        self.train_scales = list(train_scales)
-        self._scale_rng = random.Random(seed)
+        """The scales :meth:`draw_scale` draws from, one per optimizer step, a function of ``seed`` and the step:
+        the same on every rank, and the same after resuming from a checkpoint."""
+        self.train_scales, self._scale_seed = list(train_scales), seed
 
-    def draw_scale(self) -> int:
-        return self._scale_rng.choice(self.train_scales)
+    def draw_scale(self, step: int | None = None) -> int:
+        """The pool scale of optimizer step ``step`` (None: the current one, ``global_step``)."""
+        step = self.global_step if step is None else step
+        return random.Random(f"{self._scale_seed}/{step}").choice(self.train_scales)
 
     def log_metrics(self, stage: str, metrics: dict[str, torch.Tensor], batch_size: int) -> None:
         """Each metric as ``<stage>/<name>``; ``loss`` also on the progress bar."""

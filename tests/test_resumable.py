@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from tarkit.resumable import StepSeeds, atomic_write
 
 TARKIT = str(Path(sys.executable).parent / "tarkit")
-TEACHER = str(Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "teacher.yaml")
+TATOK = str(Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "tatok.yaml")
 
 
 def test_atomic_write_replaces_the_file_whole(tmp_path):
@@ -67,10 +67,16 @@ def test_step_seeds_make_a_steps_draws_independent_of_what_ran_before(monkeypatc
     assert not torch.equal(torch.rand(4), draws[0])  # the next step draws anew
 
 
+UNTRAINED_ENCODER = Path(__file__).resolve().parent / "fixtures" / "untrained_encoder.yaml"
+
+
 def fit(root: Path, *extra: str) -> subprocess.Popen:
-    args = [TARKIT, "--root", str(root), "fit", "--config", TEACHER, "--trainer.max_steps=130",
+    """The tiny TA-Tok recipe over an untrained tiny encoder: stochastic quantization, a scale drawn per step,
+    warmup and AdamW, all of which a resume must carry on exactly."""
+    args = [TARKIT, "--root", str(root), "fit", "--config", TATOK, "--trainer.max_steps=130",
             "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false", "--data.init_args.batch_size=8", *extra]
+            "--trainer.enable_model_summary=false", "--data.init_args.batch_size=8",
+            "--config", str(UNTRAINED_ENCODER), *extra]
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -85,18 +91,18 @@ def test_a_fit_killed_mid_run_resumes_to_the_uninterrupted_weights(tmp_path):
     finish(fit(tmp_path / "whole"))
 
     killed = fit(tmp_path / "killed")
-    last = tmp_path / "killed" / "runs" / "teacher" / "checkpoints" / "last.ckpt"
+    last = tmp_path / "killed" / "runs" / "tatok" / "checkpoints" / "last.ckpt"
     while not last.exists():
         assert killed.poll() is None, killed.stderr.read()
         time.sleep(0.05)
     killed.send_signal(signal.SIGKILL)
     killed.communicate(timeout=60)
     assert killed.returncode == -signal.SIGKILL
-    assert not (tmp_path / "killed" / "checkpoints" / "teacher").exists()  # it died before its export
+    assert not (tmp_path / "killed" / "checkpoints" / "tatok").exists()  # it died before its export
     assert torch.load(last, weights_only=True)["global_step"] == 100
 
     finish(fit(tmp_path / "killed", "--ckpt_path=last"))
-    whole, resumed = (load_file(tmp_path / run / "checkpoints" / "teacher" / "model.safetensors")
+    whole, resumed = (load_file(tmp_path / run / "checkpoints" / "tatok" / "model.safetensors")
                       for run in ("whole", "killed"))
     assert whole.keys() == resumed.keys()
     assert all(torch.equal(whole[key], resumed[key]) for key in whole)

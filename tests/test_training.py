@@ -98,10 +98,13 @@ def test_a_module_with_nothing_to_train_is_a_clear_error(tmp_path):
         fit(module, tmp_path)
 
 
-def test_the_scale_draw_is_seeded():
+def test_the_scale_draw_is_a_function_of_the_seed_and_the_step():
     first, second = TinyModule(), TinyModule()
-    draws = [first.draw_scale() for _ in range(20)]
-    assert draws == [second.draw_scale() for _ in range(20)] and set(draws) == {1, 2, 3}
+    draws = [first.draw_scale(step) for step in range(20)]
+    assert set(draws) == {1, 2, 3}
+    # a module resumed at step 12 (or another rank) draws what the uninterrupted one draws from there
+    assert [second.draw_scale(step) for step in range(12, 20)] == draws[12:]
+    assert first.draw_scale() == draws[0]  # no trainer yet: step 0
 
 
 def test_the_sample_grid_is_written_on_schedule_and_keeps_the_training_mode(tmp_path):
