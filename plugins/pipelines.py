@@ -1,5 +1,6 @@
 """Inference pipelines with the reference's shapes: ``ImageToTextPipeline.generate(image, prompt)`` and
-``TextToImagePipeline.generate_image(prompt)``, built from any registered LM and a TA-Tok.
+``TextToImagePipeline.generate_image(prompt)``, and ``EditPipeline.edit(image, instruction)`` for editing, built
+from any registered LM and a TA-Tok.
 
 Both take the parts directly or load them from folders: a Tar LM folder (a Hugging Face causal LM whose
 tokenizer has the image words), a TA-Tok folder or reference ``ta_tok.pth``, and for T2I a de-tokenizer folder.
@@ -37,14 +38,14 @@ from tarkit import tatok as tatoks
 from tarkit.interfaces import DeTokenizer, LanguageModel
 from tarkit.paths import resolve_path
 from tarkit.pretrained import config_class
-from tarkit.prompts import image_ids, user_prefix
+from tarkit.prompts import Part, image_ids, user_prefix
 from tarkit.registry import registry
 from tarkit.tatok import TATok
 from tarkit.vocab import ImageVocabulary
 from tarkit_plugins.detok.autoencoder import MMAutoEncoder
 from tarkit_plugins.image_inputs import ImageInput, images_to_batch
 from tarkit_plugins.lm.generation import generate_image_codes, generate_text
-from tarkit_plugins.lm.reflect import DEFAULT_QUESTION, best_of, prompt_log_likelihood
+from tarkit_plugins.lm.reflect import DEFAULT_QUESTION, best_of, image_log_likelihood, prompt_log_likelihood
 from tarkit_plugins.lm.settings import TarSettings, read_settings, settings_of
 
 Images = ImageInput | Sequence[ImageInput]
@@ -457,3 +458,67 @@ class TextToImagePipeline(_TarPipeline):
     def generate_image(self, prompt: str, generator: torch.Generator | None = None) -> Image.Image:
         """The reference's call shape: prompt -> image."""
         return self.generate_images([check_prompt(prompt)], generator)[0]
+
+
+class EditPipeline(TextToImagePipeline):
+    """Editing (the ``ti2i`` task): image + instruction -> the edited image.
+
+    The user turn is the image's codes at the pipeline's scale, then "\\n" and the instruction, as the ``ti2i``
+    task formats it in training; the edited image is sampled under the same constraints and settings as T2I
+    (image tokens only, exactly the scale's count; ``scale``, ``cfg_scale``, ``temperature``, ``top_k``,
+    ``top_p`` as there). Guidance contrasts with the same image without the instruction (the ``i2i`` prompt, a
+    redraw), so ``cfg_scale > 1`` pushes the sample away from an unchanged copy toward what the instruction asks.
+    An empty instruction redraws the image. With ``candidates > 1`` each edit samples that many and keeps the one
+    the instruction explains best (self-reflection for edits): the largest gain in the LM's log-likelihood of the
+    candidate's codes given the instruction over the likelihood without it
+    (:func:`tarkit_plugins.lm.reflect.image_log_likelihood`). Needs an LM trained on ``ti2i``.
+    """
+
+    @classmethod
+    def from_pretrained(cls, bundle: PathLike, **overrides: Any) -> EditPipeline:
+        """Load from a bundle folder (as :meth:`TextToImagePipeline.from_pretrained`)."""
+        return cls._from_bundle(bundle, detokenizer=True, overrides=overrides)
+
+    def users(self, codes: torch.Tensor, instructions: list[str]) -> tuple[list[list[Part]], list[list[Part]]]:
+        """The user turns with and without each instruction: what is sampled and what guidance contrasts with."""
+        images = [image_ids(self.vocab, c) for c in codes]
+        edits = [[image, "\n" + text] if text else [image] for image, text in zip(images, instructions, strict=True)]
+        return edits, [[image] for image in images]
+
+    @torch.no_grad()
+    def edit_codes(
+        self, images: Images, instructions: list[str], generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """The edited images' codes ``[B, n]`` at the pipeline's scale."""
+        instructions = check_prompts(instructions)
+        pixels = self.pixels(images)
+        if len(pixels) != len(instructions):
+            raise ValueError(f"got {len(pixels)} images but {len(instructions)} instructions")
+        edits, redraws = self.users(self.tatok.tokenize(pixels, self.scale).cpu(), instructions)
+        per = self.candidates
+        edits, redraws = [u for u in edits for _ in range(per)], [u for u in redraws for _ in range(per)]
+        tokenizer = self.tokenizer
+        codes = self.codes_for_prompts(
+            [user_prefix(tokenizer, u) for u in edits], [user_prefix(tokenizer, u) for u in redraws], generator
+        )
+        if per == 1:
+            return codes
+        scale_index = self.tatok.pool_scales.index(self.scale)
+        gain = image_log_likelihood(self.lm, self.vocab, edits, codes, scale_index) - image_log_likelihood(
+            self.lm, self.vocab, redraws, codes, scale_index
+        )
+        return codes[best_of(gain, per)]
+
+    def edit_images(
+        self, images: Images, instructions: list[str], generator: torch.Generator | None = None
+    ) -> list[Image.Image]:
+        """One edited image per (image, instruction) pair, as one batch."""
+        self._check_detokenizer()  # before sampling: codes are the slow part
+        return self.decode(self.edit_codes(images, instructions, generator), generator)
+
+    def edit(self, image: ImageInput, instruction: str, generator: torch.Generator | None = None) -> Image.Image:
+        """One image and its instruction -> the edited image."""
+        pixels = self.pixels(image)
+        if len(pixels) != 1:
+            raise ValueError(f"edit takes one image, got {len(pixels)}; use edit_images for several")
+        return self.edit_images(pixels, [check_prompt(instruction, "instruction")], generator)[0]

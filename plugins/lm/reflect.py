@@ -15,7 +15,7 @@ import torch
 from torch.nn import functional as F
 
 from tarkit.interfaces import LanguageModel
-from tarkit.prompts import IGNORE_INDEX, chat_example, image_ids, pad_examples
+from tarkit.prompts import IGNORE_INDEX, chat_example, image_ids, image_span, pad_examples
 from tarkit.vocab import ImageVocabulary
 
 DEFAULT_QUESTION = "Describe the image."
@@ -46,6 +46,30 @@ def prompt_log_likelihood(
     token_logp = -F.cross_entropy(logits, targets[supervised], reduction="none")
     rows = supervised.nonzero()[:, 0]
     return torch.zeros(len(examples), device=device).index_add_(0, rows, token_logp) / supervised.sum(1)
+
+
+@torch.no_grad()
+def image_log_likelihood(
+    lm: LanguageModel, vocab: ImageVocabulary, users: list[list], codes: torch.Tensor, scale_index: int
+) -> torch.Tensor:
+    """Mean log-probability ``[B]`` of each row of ``codes [B, n]`` as the image the assistant draws after the user
+    turn ``users[i]`` (parts, as a task formatter's ``user``), over the image tokens only, as generation samples."""
+    if len(codes) != len(users):
+        raise ValueError(f"got {len(codes)} images' codes but {len(users)} user turns")
+    spans = [[image_span(vocab, c.cpu(), scale_index)] for c in codes]
+    examples = [chat_example(lm.tokenizer, user, span) for user, span in zip(users, spans, strict=True)]
+    device = next(lm.parameters()).device
+    batch = {k: v.to(device) for k, v in pad_examples(examples, lm.tokenizer.pad_token_id).items()}
+    hidden = lm.hidden_states(batch["input_ids"], batch["attention_mask"])[:, :-1]
+    targets = batch["labels"][:, 1:]
+    drawn = vocab.is_image(targets) & (targets != IGNORE_INDEX)
+    head = lm.output_head
+    rows = slice(vocab.image_start, vocab.image_end)
+    bias = None if head.bias is None else head.bias[rows]
+    logits = F.linear(hidden[drawn], head.weight[rows], bias).float()
+    token_logp = logits.log_softmax(-1).gather(1, (targets[drawn] - vocab.image_start)[:, None]).squeeze(1)
+    row_of = drawn.nonzero()[:, 0]
+    return torch.zeros(len(examples), device=device).index_add_(0, row_of, token_logp) / drawn.sum(1)
 
 
 def best_of(scores: torch.Tensor, candidates: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import tarkit_plugins.pipelines as pipelines
+from tarkit.prompts import image_ids, user_prefix
 from tarkit.tatok import TATok
 from tarkit_plugins.codebooks import LearnedCodebook
 from tarkit_plugins.detok.ar import AutoregressiveDeTokenizer
@@ -26,8 +27,15 @@ from tarkit_plugins.lm.settings import (
     write_settings,
 )
 from tarkit_plugins.lms import HFCausalLM
-from tarkit_plugins.pipelines import ImageToTextPipeline, TextToImagePipeline, UnseenScaleWarning, recorded_tatok
+from tarkit_plugins.pipelines import (
+    EditPipeline,
+    ImageToTextPipeline,
+    TextToImagePipeline,
+    UnseenScaleWarning,
+    recorded_tatok,
+)
 from tarkit_plugins.quantizers import SimVQ
+from tarkit_plugins.tasks import ImageToImage, TextImageToImage
 
 SIZE = 48  # the tiny encoder's input side: no resizing, so every input kind must give the exact same pixels
 # initializer_range 0.3: sharp enough that the prompt visibly changes the codes an untrained LM samples.
@@ -323,3 +331,69 @@ def test_images_without_a_detokenizer_fail_before_sampling(bundle, monkeypatch):
     with pytest.raises(ValueError, match="has no de-tokenizer; pass detokenizer=") as info:
         t2i.generate_image("a red circle")
     one_line(info)
+
+
+# --- editing ----------------------------------------------------------------------------------------------------
+
+
+def test_an_edit_is_sampled_after_the_image_and_instruction_and_guided_by_the_redraw(bundle, monkeypatch):
+    edit = EditPipeline.from_pretrained(bundle, scale=3)
+    drawn_size = edit.generate_image("a red circle").size
+    seen = {}
+    real = edit.codes_for_prompts
+
+    def spy(prompts, uncond, generator=None):
+        seen["prompts"], seen["uncond"] = prompts, uncond
+        return real(prompts, uncond, generator)
+
+    monkeypatch.setattr(edit, "codes_for_prompts", spy)
+    image = edit.edit(picture(), "make it red", generator=torch.Generator().manual_seed(0))
+    assert isinstance(image, Image.Image) and image.size == drawn_size
+    codes = edit.tatok.tokenize(edit.pixels(picture()), 3)[0]
+    user = [image_ids(edit.vocab, codes), "\n" + "make it red"]
+    sample = {"text": "make it red", "input_codes": codes}
+    assert seen["prompts"] == [TextImageToImage().prompt(sample, edit.tokenizer, edit.vocab)]  # as trained
+    assert seen["prompts"] == [user_prefix(edit.tokenizer, user)]
+    assert seen["uncond"] == [ImageToImage().prompt({"input_codes": codes}, edit.tokenizer, edit.vocab)]
+
+
+def test_edits_are_batched_seeded_and_checked(bundle):
+    edit = EditPipeline.from_pretrained(bundle, scale=3)
+    pair = ([picture(), picture()], ["make it red", ""])  # an empty instruction redraws
+    first, again = (edit.edit_codes(*pair, generator=torch.Generator().manual_seed(1)) for _ in range(2))
+    assert first.shape == (2, 16) and torch.equal(first, again)
+    assert len(edit.edit_images(*pair)) == 2
+    for args, message in (
+        (([picture()], ["a", "b"]), "got 1 images but 2 instructions"),
+        (([picture()], "make it red"), "prompts must be a list of strings, got one string"),
+        (([picture()], [None]), "prompts\\[0\\] must be a string"),
+    ):
+        with pytest.raises((TypeError, ValueError), match=message) as info:
+            edit.edit_codes(*args)
+        one_line(info)
+    with pytest.raises(ValueError, match="edit takes one image, got 2"):
+        edit.edit([picture(), picture()], "make it red")
+
+
+def test_reflected_edits_keep_the_candidate_the_instruction_explains_best(bundle, monkeypatch):
+    from tarkit_plugins import pipelines
+
+    edit = EditPipeline.from_pretrained(bundle, scale=3, candidates=3)
+    with_text = torch.tensor([0.0, 5.0, 1.0, 2.0, 0.0, 9.0])
+    without = torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0, 9.0])  # gains 0 4 1 | 2 0 0: candidates 1 and 3 win
+    calls = iter([with_text, without])
+    monkeypatch.setattr(pipelines, "image_log_likelihood", lambda *a: next(calls))
+    drawn = torch.arange(6)[:, None].expand(6, 16)
+    monkeypatch.setattr(edit, "codes_for_prompts", lambda prompts, uncond, generator=None: drawn[: len(prompts)])
+    assert edit.edit_codes([picture(), picture()], ["a", "b"])[:, 0].tolist() == [1, 3]
+
+
+def test_image_log_likelihood_prefers_the_lms_own_greedy_image(bundle):
+    from tarkit_plugins.lm.reflect import image_log_likelihood
+
+    edit = EditPipeline.from_pretrained(bundle, scale=3, temperature=0.0, cfg_scale=1.0)
+    users = edit.users(edit.tatok.tokenize(edit.pixels(picture()), 3), ["make it red"])[0]
+    greedy = edit.edit_codes([picture()], ["make it red"])
+    other = (greedy + 1) % 32
+    scores = image_log_likelihood(edit.lm, edit.vocab, users * 2, torch.cat([greedy, other]), 2)
+    assert scores.shape == (2,) and scores[0] > scores[1] and (scores < 0).all()
