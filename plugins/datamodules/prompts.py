@@ -1,6 +1,6 @@
 """``prompts`` datamodule: inputs for ``tarkit predict`` — GenEval prompt files (T2I), POPE-style question files
-(I2T), read in their own formats, rows of any task (``{"task", "text", "id"?, "image"?}``), and folders of
-images (reconstruction)."""
+(I2T), read in their own formats, edit files (``{"image", "instruction", "id"?}``: ti2i), rows of any task
+(``{"task", "text", "id"?, "image"?}``), and folders of images (reconstruction)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 class PromptDataset(Dataset):
-    """Rows of a GenEval prompt file (``kind`` t2i), a POPE question file (``kind`` i2t), a task file (``kind``
-    each row's ``task``) or the images of a folder (``kind`` image, ``id`` the file's stem). ``has_image`` says
+    """Rows of a GenEval prompt file (``kind`` t2i), a POPE question file (``kind`` i2t), an edit file (``kind``
+    ti2i, the instruction as ``text``), a task file (``kind`` each row's ``task``) or the images of a folder
+    (``kind`` image, ``id`` the file's stem). ``has_image`` says
     whether ``image`` is a real image (else zeros)."""
 
     def __init__(self, path: str, image_size: int, image_root: str | None = None):
@@ -36,9 +37,12 @@ class PromptDataset(Dataset):
         rows = read_jsonl(path)
         if not rows:
             raise DataFormatError(f"{path}: no rows")
-        self.kind = "task" if "task" in rows[0] else "t2i" if "tag" in rows[0] else "i2t"
+        kinds = {"task": "task", "instruction": "edit", "tag": "t2i"}  # the field that tells each file kind apart
+        self.kind = next((kind for field, kind in kinds.items() if field in rows[0]), "i2t")
         if self.kind == "task":
             self.rows = read_jsonl(path, required=("task", "text"))
+        elif self.kind == "edit":
+            self.rows = read_jsonl(path, required=("image", "instruction"))
         elif self.kind == "t2i":
             self.rows = read_geneval_prompts(path)
         else:
@@ -54,6 +58,8 @@ class PromptDataset(Dataset):
             return self._item("t2i", str(index), row["prompt"], None, row)
         if self.kind == "task":
             return self._item(row["task"], str(row.get("id", index)), row["text"], row.get("image"), row)
+        if self.kind == "edit":
+            return self._item("ti2i", str(row.get("id", index)), row["instruction"], row["image"], row)
         if self.kind == "image":
             return self._item("image", Path(row["image"]).stem, "", row["image"], {})
         return self._item("i2t", str(row["question_id"]), row["text"], row["image"], {})

@@ -126,6 +126,22 @@ def test_predict_dispatches_each_row_to_its_task(tar_dir, tatok_dir, tmp_path):
             main([*common, f"--data.init_args.path={rows}", f"--model.init_args.predict_dir={tmp_path / 'bad'}"])
 
 
+def test_predict_over_an_edit_file_writes_the_edited_images(tar_dir, tatok_dir, tmp_path):
+    renders = tmp_path / "renders"
+    main(["shapesworld", "render", "--num", "2", "--out", str(renders)])
+    images = sorted(renders.glob("*/samples/*.png"))
+    edits = tmp_path / "edits.jsonl"
+    edits.write_text("".join(json.dumps({"image": str(p.relative_to(tmp_path)), "instruction": text}) + "\n"
+                             for p, text in zip(images, ["make the circle red", "remove the square"], strict=True)))
+    main(["predict", "--config", str(ROOT / "recipes/tiny/lm.yaml"), f"--model.init_args.tatok={tatok_dir}",
+          f"--model.init_args.lm.init_args.pretrained={tar_dir}", "--model.init_args.predict_scale=3",
+          f"--trainer.default_root_dir={tmp_path / 'run'}", "--data=prompts", f"--data.init_args.path={edits}",
+          f"--model.init_args.predict_dir={tmp_path / 'out'}"])
+    for row in ("0", "1"):
+        codes = json.loads((tmp_path / "out" / "ti2i" / f"{row}_codes.json").read_text())
+        assert codes["scale"] == 3 and [len(c) for c in codes["codes"]] == [16]
+
+
 def test_task_formatters_supervise_only_the_assistant_turn():
     lm = HFCausalLM(preset="tiny", tokenizer="bytes", num_codes=10, num_scales=3)
     vocab, tokenizer = lm.vocab, lm.tokenizer
