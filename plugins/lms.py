@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 import torch
 from torch import nn
@@ -21,7 +21,9 @@ from tarkit.interfaces import LanguageModel
 from tarkit.paths import resolve_path
 from tarkit.pretrained import PretrainedLoadError, resolve_pretrained_dir
 from tarkit.vocab import IM_START, ImageVocabulary
+from tarkit_plugins.lm import lora as lora_lib
 from tarkit_plugins.lm.cached_decoder import HFCachedDecoder
+from tarkit_plugins.lm.lora import LoRA
 from tarkit_plugins.lm.tokenizers import QWEN2, TOKENIZER_FILES, load_tokenizer
 from tarkit_plugins.lm.vocab_expansion import check_vocabulary, expand_vocabulary
 from tarkit_plugins.presets import preset_values
@@ -62,9 +64,17 @@ def _hf_folder(pretrained: str) -> Path:
         folder = resolve_pretrained_dir(resolve_path(pretrained), HF_FOLDER_FILES)
     except (PretrainedLoadError, FileNotFoundError, ValueError) as err:
         raise PretrainedLoadError(f"HFCausalLM(pretrained={pretrained!r}): {err}") from err
-    if not (folder / "config.json").is_file():
+    if not (folder / "config.json").is_file() and not lora_lib.is_adapter_folder(folder):
         raise PretrainedLoadError(f"{folder} has no config.json; is it a Hugging Face causal LM folder?")
     return folder
+
+
+def _load_model(folder: Path, overrides: dict[str, Any]) -> PreTrainedModel:
+    """A causal LM folder, or a LoRA adapter folder (``lora.save: adapter``'s) merged into the base it names."""
+    if not lora_lib.is_adapter_folder(folder):
+        return _load_causal_lm(folder, overrides)
+    base = _load_causal_lm(_hf_folder(lora_lib.adapter_base(folder)), overrides)
+    return lora_lib.merge_adapter_folder(base, folder)
 
 
 # The reference trains Tar as LLaVA's "llava_qwen" (Qwen2 with the vision tower inside); transformers does not know
@@ -152,7 +162,16 @@ class HFCausalLM(LanguageModel):
             stand-in) or a local tokenizer folder; ignored when ``pretrained`` has its own tokenizer files.
         num_codes: ``K`` image tokens ``<I0>..`` to add (the TA-Tok codebook size), or to expect in a Tar folder.
         num_scales: scale tokens ``<S0>..`` to add or expect with ``num_codes``.
+        lora: fine-tune through LoRA adapters (:class:`tarkit_plugins.lm.lora.LoRA`: rank, alpha, dropout, target
+            modules, whether the image words' rows train, how the LM saves) instead of every weight. They are
+            added once the vocabulary has its image words (at construction, or when
+            :meth:`ensure_image_vocabulary` adds them, as the LM module does), so the trained rows are the final
+            ones; :attr:`model` stays the ``PreTrainedModel``, with peft's layers inside. ``pretrained`` may also
+            be an adapter folder: it loads merged into the base it names.
     """
+
+    # A saved folder holds the adapter merged in (or loads merged): it rebuilds without LoRA.
+    weight_sources: ClassVar[dict[str, Any]] = {"lora": None}
 
     def __init__(
         self,
@@ -162,20 +181,36 @@ class HFCausalLM(LanguageModel):
         tokenizer: str = QWEN2,
         num_codes: int | None = None,
         num_scales: int = 3,
+        lora: LoRA | None = None,
     ):
         super().__init__()
-        if pretrained is not None:
-            folder = _hf_folder(pretrained)
+        folder = None if pretrained is None else _hf_folder(pretrained)
+        if folder is not None:
             has_tokenizer = any((folder / name).is_file() for name in TOKENIZER_FILES)
             self._tokenizer = load_tokenizer(str(folder) if has_tokenizer else tokenizer)
-            self.model = _load_causal_lm(folder, dict(config or {}))
+            self.model = _load_model(folder, dict(config or {}))
             self.model.train(self.training)  # from_pretrained returns eval mode; follow this module's mode
         else:
             self._tokenizer = load_tokenizer(tokenizer)
             self.model = AutoModelForCausalLM.from_config(_preset_config(preset, dict(config or {}), self._tokenizer))
         self._vocab: ImageVocabulary | None = None
+        self.lora = lora
+        # peft's wrapper around self.model, kept out of the submodules: registered, every weight would be in the
+        # state dict twice (model.* and the wrapper's base_model.model.*).
+        self.__dict__["peft"] = None
+        has_image_words = IM_START in self._tokenizer.get_vocab()
+        if lora is not None:
+            lora_lib.check_lora(lora, self.model)
+            if lora.save == "adapter" and not (folder is not None and has_image_words):
+                raise ValueError(
+                    "lora.save='adapter' needs pretrained= a folder that already has the image words (a Tar LM): an "
+                    "adapter does not hold a base, nor rows this run adds; use lora.save='merged'"
+                )
+            self._base_folder = None if folder is None else str(folder.resolve())
         if num_codes is not None:
             self.ensure_image_vocabulary(num_codes, num_scales)
+        elif lora is not None and has_image_words:
+            self._add_lora()
 
     @property
     def tokenizer(self) -> Any:
@@ -197,7 +232,12 @@ class HFCausalLM(LanguageModel):
             self._vocab = check_vocabulary(self.model, self._tokenizer, num_codes, num_scales)
         else:
             self._vocab = expand_vocabulary(self.model, self._tokenizer, num_codes, num_scales, codebook)
+        if self.lora is not None and self.peft is None:
+            self._add_lora()
         return self._vocab
+
+    def _add_lora(self) -> None:
+        self.__dict__["peft"] = lora_lib.add_lora(self.model, self.lora, self.vocab, self._base_folder)
 
     def config_dict(self) -> dict[str, Any]:
         """The constructor arguments, with the image vocabulary as it is now (it may have been expanded later)."""
@@ -221,18 +261,25 @@ class HFCausalLM(LanguageModel):
 
     @property
     def output_head(self) -> nn.Module:
-        """The LM head (``nn.Linear``, ``weight [V, H]``): restrict it to the image rows for image sampling."""
-        return self.model.get_output_embeddings()
+        """The LM head (``nn.Linear``, ``weight [V, H]``): restrict it to the image rows for image sampling. Under
+        LoRA with trained image rows, a view whose weight has them written in."""
+        return lora_lib.output_head(self.model.get_output_embeddings())
 
     def incremental_decoder(self, attention_mask: torch.Tensor) -> HFCachedDecoder:
         """The decoder stack over its KV cache, positions counting real tokens only (as HF ``generate``)."""
         return HFCachedDecoder(self.model, attention_mask)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
-        """Write the model and tokenizer as one Hugging Face folder (the layout of the reference's Tar-1.5B)."""
+        """Write the model and tokenizer as one Hugging Face folder (the layout of the reference's Tar-1.5B); under
+        LoRA, the model with the adapter merged in, or (``lora.save: adapter``) peft's adapter folder."""
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(out)
+        if self.peft is None:
+            self.model.save_pretrained(out)
+        elif self.lora.save == "adapter":
+            lora_lib.save_adapter(self.peft, out)
+        else:
+            lora_lib.merged_copy(self.peft).save_pretrained(out)
         self._tokenizer.save_pretrained(out)
         return out
 

@@ -1,4 +1,5 @@
-"""Every recipe parses (litgpt's config-hub test): full recipes alone, ablation variants layered on their base."""
+"""Every recipe parses (litgpt's config-hub test): full recipes alone, ablation variants and fine-tuning layers
+layered on their base."""
 
 from pathlib import Path
 
@@ -12,7 +13,8 @@ from tarkit.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
-FULL = sorted(p for p in RECIPES.rglob("*.yaml") if "ablations" not in p.parts)
+FULL = sorted(p for p in RECIPES.rglob("*.yaml") if not {"ablations", "finetune"} & set(p.parts))
+FINETUNE = sorted((RECIPES / "finetune").glob("*.yaml"))  # layers on an LM recipe
 SPECS = sorted((RECIPES / "ablations").glob("*.yaml"))
 PAPER = sorted((RECIPES / "paper").glob("*.yaml"))
 
@@ -38,6 +40,12 @@ def test_recipe_parses(recipe, capsys, monkeypatch):
     printed = print_config([recipe], capsys, monkeypatch)
     assert "." in printed["model"]["class_path"]  # short names resolved to full class paths
     assert "." in printed["data"]["class_path"]
+
+
+@pytest.mark.parametrize("layer", FINETUNE, ids=lambda p: p.stem)
+@pytest.mark.parametrize("base", ["recipes/tiny/lm.yaml", "recipes/paper/tar_1.5b.yaml"])
+def test_finetune_layer_parses_on_an_lm_recipe(base, layer, capsys, monkeypatch):
+    assert print_config([base, layer], capsys, monkeypatch)["model"]["init_args"]["lm"]["init_args"]["lora"]
 
 
 @pytest.mark.parametrize(("base", "layers"), list(variants()))
