@@ -49,6 +49,7 @@ from tarkit_plugins.lm.reflect import DEFAULT_QUESTION, best_of, image_log_likel
 from tarkit_plugins.lm.settings import TarSettings, read_settings, settings_of
 
 Images = ImageInput | Sequence[ImageInput]
+SAMPLING_SETTINGS = frozenset({"cfg_scale", "temperature", "top_k", "top_p", "candidates"})
 PathLike = str | os.PathLike
 
 
@@ -358,6 +359,21 @@ class TextToImagePipeline(_TarPipeline):
             if detokenizer is None
             else MMAutoEncoder(self.tatok, detokenizer, self.scale, detok_cfg_scale, **(detok_sampling or {}))
         )
+
+    def with_settings(self, **settings: Any) -> Self:
+        """A copy sharing this pipeline's models, with other sampling settings (``cfg_scale``, ``temperature``,
+        ``top_k``, ``top_p``, ``candidates``): per-request settings without loading anything again."""
+        unknown = sorted(set(settings) - SAMPLING_SETTINGS)
+        if unknown:
+            raise ValueError(f"unknown sampling settings {unknown}; settings are {sorted(SAMPLING_SETTINGS)}")
+        if settings.get("candidates", 1) < 1:
+            raise ValueError(f"candidates must be >= 1, got {settings['candidates']}")
+        copy = object.__new__(type(self))
+        copy.__dict__.update(self.__dict__)
+        copy.__dict__.update(settings)
+        if "top_k" in settings:
+            copy.top_k = settings["top_k"] or None  # 0: off, as in the constructor
+        return copy
 
     @classmethod
     def from_pretrained(cls, bundle: PathLike, **overrides: Any) -> TextToImagePipeline:

@@ -33,7 +33,7 @@ from tarkit.images import tensor_to_image
 from tarkit_plugins.ablate import last_logged
 from tarkit_plugins.detok.pixel_vq import PixelVQ
 from tarkit_plugins.lm.settings import record_generation_defaults
-from tarkit_plugins.pipelines import ImageToTextPipeline, TextToImagePipeline
+from tarkit_plugins.pipelines import EditPipeline, ImageToTextPipeline, TextToImagePipeline
 from tarkit_plugins.shapesworld.curves import newest_log, plot_stage
 from tarkit_plugins.shapesworld.ladder import (
     Rung,
@@ -49,6 +49,7 @@ from tarkit_plugins.shapesworld.ladder import (
     rung,
 )
 from tarkit_plugins.shapesworld.report import (
+    evaluate_edits,
     evaluate_i2t,
     evaluate_t2i,
     geneval_summary,
@@ -176,12 +177,14 @@ def evaluation_samplers(seed: int) -> dict[str, SceneSampler]:
 
 
 def evaluate_split(
-    t2i: TextToImagePipeline, i2t: ImageToTextPipeline, sampler: SceneSampler, args: argparse.Namespace
+    t2i: EditPipeline, i2t: ImageToTextPipeline, sampler: SceneSampler, args: argparse.Namespace
 ) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
     examples = [sampler.example(i) for i in range(max(args.prompts, args.images))]
     rows, samples = evaluate_t2i(t2i, examples[: args.prompts], args.batch_size, args.seed)
     pope, caption = evaluate_i2t(i2t, sampler, examples[: args.images], args.batch_size)
-    return {"geneval": geneval_summary(rows), "pope": pope, "caption": caption}, samples
+    plain = t2i.with_settings(candidates=1)  # edits are scored as sampled
+    edit, _ = evaluate_edits(plain, sampler, examples[: args.images], args.batch_size, args.seed)
+    return {"geneval": geneval_summary(rows), "pope": pope, "caption": caption, "edit": edit}, samples
 
 
 def measure_ladder(
@@ -248,7 +251,7 @@ def save_comparison_grid_image(originals: torch.Tensor, vq: torch.Tensor, round_
 def evaluate(out: Path, args: argparse.Namespace) -> tuple[dict[str, Any], list[Rung], dict[str, str]]:
     checkpoints = out / "checkpoints"
     torch.manual_seed(args.seed)
-    t2i = TextToImagePipeline.from_pretrained(
+    t2i = EditPipeline.from_pretrained(  # T2I and, with its own settings, editing: the models are loaded once
         checkpoints, scale=args.scale, cfg_scale=args.cfg_scale, candidates=args.candidates
     )
     i2t = ImageToTextPipeline(t2i.lm, t2i.tatok, scale=args.scale)

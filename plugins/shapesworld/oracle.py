@@ -25,6 +25,7 @@ Prompts are then scored by GenEval's rules, relative positions included (``relat
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -346,6 +347,23 @@ def score_image(image: Image.Image, record: dict[str, Any]) -> tuple[bool, str]:
     if analysis.defects:
         return False, "; ".join(analysis.defects)
     return score_record(analysis.detections, record)
+
+
+def score_edit(image: Image.Image, edited: Scene) -> tuple[bool, str]:
+    """The verdict on an edited image: no defect, and exactly the edited scene's objects by colour and shape (the
+    recoloured object in its new colour, a removed one gone, every other one kept)."""
+    analysis = analyse(image)
+    if analysis.defects:
+        return False, "; ".join(analysis.defects)
+    found = Counter((d.color, d.shape) for d in analysis.detections)
+    wanted = Counter((o.color, o.shape) for o in edited.objects)
+    if found != wanted:
+        missing, extra = wanted - found, found - wanted
+        said = [f"missing {c} {s}" for c, s in sorted(missing.elements())] + [
+            f"unexpected {c} {s}" for c, s in sorted(extra.elements())
+        ]
+        return False, ", ".join(said)
+    return True, "correct"
 
 
 _QUESTION = re.compile(

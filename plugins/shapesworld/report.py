@@ -1,5 +1,6 @@
 """Scoring a trained Tar on ShapesWorld the way the paper scores Tar: GenEval-style T2I (with and without
-self-reflection), POPE-style yes/no questions, and caption attribute accuracy, all on the held-out split."""
+self-reflection), POPE-style yes/no questions, and caption attribute accuracy, all on the held-out split; and
+editing (recolour and remove instructions), judged by the oracle against the edited scene."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from tarkit_plugins.evaluation import geneval_scores, pope_metrics
-from tarkit_plugins.pipelines import ImageToTextPipeline, TextToImagePipeline
+from tarkit_plugins.pipelines import EditPipeline, ImageToTextPipeline, TextToImagePipeline
 from tarkit_plugins.shapesworld.ladder import Rung, geneval_stderr, lowest_failed, proportion_stderr
-from tarkit_plugins.shapesworld.oracle import score_image
+from tarkit_plugins.shapesworld.oracle import score_edit, score_image
 from tarkit_plugins.shapesworld.world import COLORS, SHAPES, Example, SceneSampler, render
 
 CAPTION_QUESTION = "Describe the image."
@@ -101,6 +102,34 @@ def evaluate_i2t(
     return pope, caption
 
 
+def evaluate_edits(
+    edit: EditPipeline, sampler: SceneSampler, examples: list[Example], batch_size: int, seed: int
+) -> tuple[dict[str, float], list[tuple[str, Image.Image]]]:
+    """The share of edits the oracle finds exactly right (with its standard error), per kind of instruction,
+    and ``(instruction, edited image)`` samples. Each scene gets the sampler's edit (a recolour, or a removal
+    where it holds several objects); a one-object scene with no recolour to give is left out."""
+    edits = []
+    for index, example in enumerate(examples):
+        try:
+            instruction, edited = sampler.edit(example, sampler.rng(index, "edit"))
+        except ValueError:
+            continue
+        edits.append((render(example.scene), instruction, edited))
+    generator = torch.Generator().manual_seed(seed)
+    verdicts: dict[str, list[bool]] = {"recolour": [], "remove": []}
+    samples: list[tuple[str, Image.Image]] = []
+    for group in batches(edits, batch_size):
+        drawn = edit.edit_images([image for image, _, _ in group], [text for _, text, _ in group], generator)
+        for (_, text, edited), image in zip(group, drawn, strict=True):
+            verdicts["remove" if text.startswith("Remove") else "recolour"].append(score_edit(image, edited)[0])
+            samples.append((text, image))
+    every = verdicts["recolour"] + verdicts["remove"]
+    accuracy = sum(every) / max(len(every), 1)
+    scores = {"accuracy": accuracy, "accuracy_stderr": proportion_stderr(accuracy, max(len(every), 1))}
+    scores |= {kind: sum(v) / len(v) for kind, v in verdicts.items() if v}
+    return scores | {"edits": float(len(every))}, samples
+
+
 def labelled_grid(samples: list[tuple[str, Image.Image]], columns: int = 6, scale: int = 2) -> Image.Image:
     """Generated images, each above its (wrapped) prompt."""
     side = samples[0][1].width * scale
@@ -167,7 +196,10 @@ def write_report(out: Path, metrics: dict[str, Any], ladder: list[Rung], images:
             stderr = {k: geneval[k].get("overall_stderr") if tag == "overall" else None for k in kinds}
             lines.append(f"| {tag} | " + " | ".join(_value(geneval[k][tag], stderr[k]) for k in kinds) + " |")
         lines += _metric_table("POPE-style", results["pope"], "accuracy")
-        lines += _metric_table("captions", results["caption"], "exact") + [""]
+        lines += _metric_table("captions", results["caption"], "exact")
+        if "edit" in results:
+            lines += _metric_table("edits (oracle vs the edited scene)", results["edit"], "accuracy")
+        lines += [""]
     lines += ["## Pictures", ""] + [f"![{name}]({path})" for name, path in images.items()] + [""]
     lines += ["## Run", "", "```json", json.dumps(metrics["run"], indent=2), "```", ""]
     path = out / "report.md"

@@ -34,9 +34,11 @@ def test_quick_demo_writes_report_grid_and_metrics(quick_demo):
             assert "overall" in scores and in_unit_range(v for k, v in scores.items() if not k.endswith("_stderr"))
         assert in_unit_range(results["pope"].values()) and set(results["pope"]) >= {"accuracy", "f1"}
         assert in_unit_range(results["caption"].values())
+        edit = results["edit"]
+        assert edit["edits"] >= 1 and in_unit_range(v for k, v in edit.items() if k != "edits")
     assert metrics["run"]["total_seconds"] > 0 and metrics["run"]["quick"] is True
     report = (quick_demo / "report.md").read_text()
-    assert "GenEval-style" in report and "POPE" in report and "| overall |" in report
+    assert "GenEval-style" in report and "POPE" in report and "| overall |" in report and "edits (oracle" in report
     assert Image.open(quick_demo / "samples.png").size[0] > 0
     for stage in ("teacher", "tatok", "pixel_vq", "ar_detok", "lm"):
         assert (quick_demo / "checkpoints" / stage / "config.json").is_file()

@@ -13,6 +13,7 @@ from tarkit_plugins.shapesworld.oracle import (
     answer_question,
     detect,
     relative_position,
+    score_edit,
     score_image,
     score_record,
     score_scene,
@@ -186,3 +187,21 @@ def test_unknown_class_and_question_are_clear_errors():
         score_image(image, {"tag": "single_object", "include": [{"class": "dog", "count": 1}]})
     with pytest.raises(OracleError, match="cannot parse question"):
         answer_question(image, "What colour is the sky?")
+
+
+def test_an_edit_is_right_only_with_exactly_the_edited_scenes_objects():
+    sampler = SceneSampler("train", seed=5)
+    kinds = set()
+    for index in range(40):
+        example = sampler.example(index)
+        try:
+            instruction, edited = sampler.edit(example, sampler.rng(index, "edit"))
+        except ValueError:
+            continue
+        kinds.add(instruction.split()[0])
+        assert score_edit(render(edited), edited) == (True, "correct")
+        unchanged, reason = score_edit(render(example.scene), edited)  # the instruction ignored
+        assert not unchanged and ("missing" in reason or "unexpected" in reason)
+    assert kinds == {"Make", "Remove"}  # recolours and removals both met
+    blank = Image.new("RGB", (64, 64), (255, 255, 255))
+    assert score_edit(blank, edited)[1].startswith("missing")
