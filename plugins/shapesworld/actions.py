@@ -35,9 +35,11 @@ def _sampler(args: argparse.Namespace) -> SceneSampler:
 
 
 def render_scenes(args: argparse.Namespace) -> int:
-    """``tarkit shapesworld render``: scenes in GenEval's folder layout plus ``pope_questions.jsonl``."""
+    """``tarkit shapesworld render``: scenes in GenEval's folder layout plus ``pope_questions.jsonl`` and
+    ``edits.jsonl`` (``{id, image, instruction, objects}``: a recolour or remove instruction per scene that has
+    one, ``objects`` the edited scene's ``[colour, shape]`` pairs, what a right edit shows)."""
     sampler = _sampler(args)
-    questions = []
+    questions, edits = [], []
     for index in range(args.num):
         example = sampler.example(index)
         folder = write_geneval_sample(args.out, index, example.record, [render(example.scene)])
@@ -46,8 +48,15 @@ def render_scenes(args: argparse.Namespace) -> int:
             sampler.pope_questions(example, sampler.rng(index, "pope"), args.questions_per_image)
         ):
             questions.append({"question_id": f"{index:05d}-{k}", "image": image, "text": text, "label": label})
+        try:
+            instruction, edited = sampler.edit(example, sampler.rng(index, "edit"))
+        except ValueError:  # a one-object scene with no recolour to give
+            continue
+        objects = sorted([o.color, o.shape] for o in edited.objects)
+        edits.append({"id": f"{index:05d}", "image": image, "instruction": instruction, "objects": objects})
     write_jsonl(args.out / "pope_questions.jsonl", questions)
-    print(f"wrote {args.num} scenes and {len(questions)} POPE questions to {args.out}")
+    write_jsonl(args.out / "edits.jsonl", edits)
+    print(f"wrote {args.num} scenes, {len(questions)} POPE questions and {len(edits)} edits to {args.out}")
     return 0
 
 

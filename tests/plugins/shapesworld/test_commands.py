@@ -73,3 +73,17 @@ def test_bad_input_is_one_line_without_traceback(tmp_path):
         result = subprocess.run([TARKIT, *args], capture_output=True, text=True, env=os.environ)
         assert result.returncode == 2, (args, result.stderr)
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_render_writes_an_edit_per_scene_that_the_prompts_datamodule_reads(tmp_path):
+    from tarkit_plugins.datamodules.prompts import PromptDataset
+
+    assert main(["shapesworld", "render", "--num", "8", "--split", "train", "--out", str(tmp_path)]) == 0
+    edits = [json.loads(line) for line in (tmp_path / "edits.jsonl").read_text().splitlines()]
+    assert 1 <= len(edits) <= 8 and {e["instruction"].split()[0] for e in edits} <= {"Make", "Remove"}
+    for edit in edits:
+        scene = json.loads((tmp_path / edit["id"] / "metadata.jsonl").read_text())
+        shown = sum(item["count"] for item in scene["include"])
+        assert len(edit["objects"]) == shown - (edit["instruction"].startswith("Remove"))
+    rows = PromptDataset(str(tmp_path / "edits.jsonl"), image_size=64)
+    assert rows[0]["kind"] == "ti2i" and rows[0]["text"] == edits[0]["instruction"] and rows[0]["has_image"]
