@@ -32,7 +32,11 @@ Pipeline = TypeVar("Pipeline", bound=TextToImagePipeline)
 
 MODELS = "models"  # the concurrency id every event shares: one request at a time on the weights
 NO_IMAGE = "no image: upload one first (PNG, JPEG, WebP, ...)"
+NO_ANSWER = "(no answer: the LM ended its turn at once)"  # an empty box would look like a failure
 MAX_CANDIDATES = 8
+IMAGE_HEIGHT = 256
+# Tar's images are small (64 px for the demo): shown enlarged, with their pixels kept sharp.
+CSS = ".tar-image img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
 
 
 @dataclass(frozen=True)
@@ -163,13 +167,14 @@ class Handlers:
         self.models = models
 
     def answer(self, image: Any, question: Any, progress: gr.Progress = gr.Progress()) -> str:  # noqa: B008
-        """``/answer``: the LM's answer to a question about the image (empty: a caption)."""
+        """``/answer``: the LM's answer to a question about the image (empty: a caption); :data:`NO_ANSWER` when
+        the LM says nothing."""
         path, question = image_path(image), text(question, "question")
         if not question:
             gr.Info("no question: describing the image")
         progress(0, desc="reading the image and answering")
         with shown_in_page():
-            return self.models.i2t.generate(path, question)
+            return self.models.i2t.generate(path, question) or NO_ANSWER
 
     def generate(
         self,
@@ -219,23 +224,24 @@ class Handlers:
             return pipeline.edit(path, instruction, generator)
 
 
-def sampling_inputs(models: Models, tab: str) -> list[gr.components.Component]:
+def sampling_inputs(models: Models, tab: str, open_: bool) -> list[gr.components.Component]:
     """The settings of one image-making tab, starting at the LM folder's recorded ones."""
     defaults, tatok = models.defaults, models.t2i.tatok
-    with gr.Accordion("Sampling", open=True):
+    with gr.Accordion("Sampling", open=open_):
         with gr.Row():
             scale = gr.Dropdown(
-                list(tatok.pool_scales), value=defaults.scale, label="Scale (TA-Tok pool scale)", elem_id=f"{tab}-scale"
+                list(tatok.pool_scales), value=defaults.scale, label="Scale", info="TA-Tok pool scale",
+                elem_id=f"{tab}-scale",
             )
-            cfg_scale = gr.Slider(1, 10, value=defaults.cfg_scale, step=0.5, label="CFG scale (1: unguided)")
-            temperature = gr.Slider(0, 2, value=defaults.temperature, step=0.05, label="Temperature (0: greedy)")
+            cfg_scale = gr.Slider(1, 10, value=defaults.cfg_scale, step=0.5, label="CFG scale", info="1: unguided")
+            temperature = gr.Slider(0, 2, value=defaults.temperature, step=0.05, label="Temperature", info="0: greedy")
         with gr.Row():
             top_k = gr.Slider(
-                0, max(tatok.num_codes, defaults.top_k), value=defaults.top_k, step=1, label="Top-k (0: off)"
+                0, max(tatok.num_codes, defaults.top_k), value=defaults.top_k, step=1, label="Top-k", info="0: off"
             )
-            top_p = gr.Slider(0.05, 1, value=defaults.top_p, step=0.01, label="Top-p (1: off)")
+            top_p = gr.Slider(0.05, 1, value=defaults.top_p, step=0.01, label="Top-p", info="1: off")
             candidates = gr.Slider(
-                1, MAX_CANDIDATES, value=1, step=1, label="Candidates (> 1: self-reflection keeps the best)"
+                1, MAX_CANDIDATES, value=1, step=1, label="Candidates", info="> 1: self-reflection keeps the best"
             )
             seed = gr.Number(0, precision=0, minimum=0, label="Seed", elem_id=f"{tab}-seed")
     return [scale, cfg_scale, temperature, top_k, top_p, candidates, seed]
@@ -249,7 +255,10 @@ def build_app(models: Models) -> gr.Blocks:
         gr.Markdown("## Tar: ask about an image, generate one, edit one")
         with gr.Tab("Ask about an image", id="ask"):
             with gr.Row():
-                image = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"], elem_id="ask-image")
+                image = gr.Image(
+                    label="Image", type="filepath", sources=["upload", "clipboard"], height=IMAGE_HEIGHT,
+                    elem_id="ask-image", elem_classes="tar-image",
+                )
                 with gr.Column():
                     question = gr.Textbox(
                         label="Question", placeholder="empty: Describe the image.", elem_id="ask-question"
@@ -264,22 +273,23 @@ def build_app(models: Models) -> gr.Blocks:
                     prompt = gr.Textbox(
                         label="Prompt", placeholder="e.g. a photo of a red circle", elem_id="generate-prompt"
                     )
-                    settings = sampling_inputs(models, "generate")
+                    settings = sampling_inputs(models, "generate", open_=True)
                     draw = gr.Button("Generate", variant="primary", elem_id="generate-button")
                 generated = gr.Image(label="Generated", type="pil", format="png", interactive=False,
-                                     elem_id="generate-image")
+                                     height=IMAGE_HEIGHT, elem_id="generate-image", elem_classes="tar-image")
             draw.click(handlers.generate, [prompt, *settings], generated, api_name="generate", **shared)
         with gr.Tab("Edit", id="edit"):
             with gr.Row():
                 with gr.Column():
                     source = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"],
-                                      elem_id="edit-image")
+                                      height=IMAGE_HEIGHT, elem_id="edit-image", elem_classes="tar-image")
                     instruction = gr.Textbox(
                         label="Instruction", placeholder="e.g. make the circle blue", elem_id="edit-instruction"
                     )
-                    settings = sampling_inputs(models, "edit")
+                    settings = sampling_inputs(models, "edit", open_=False)
                     change = gr.Button("Edit", variant="primary", elem_id="edit-button")
-                edited = gr.Image(label="Edited", type="pil", format="png", interactive=False, elem_id="edit-result")
+                edited = gr.Image(label="Edited", type="pil", format="png", interactive=False, height=IMAGE_HEIGHT,
+                                  elem_id="edit-result", elem_classes="tar-image")
             change.click(
                 handlers.edit, [source, instruction, *settings], edited, api_name="edit", preprocess=False, **shared
             )
@@ -290,6 +300,6 @@ def serve(blocks: gr.Blocks, host: str, port: int, share: bool = False, block: b
     """Launch the app; returns its local URL. ``block``: serve until interrupted (the command), else in the
     background (tests; ``blocks.close()`` stops it)."""
     _, url, _ = blocks.launch(
-        server_name=host, server_port=port, share=share, prevent_thread_lock=not block, max_file_size="50mb"
+        server_name=host, server_port=port, share=share, prevent_thread_lock=not block, max_file_size="50mb", css=CSS
     )
     return url

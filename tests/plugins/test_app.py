@@ -16,7 +16,7 @@ import tarkit_plugins.pipelines as pipelines
 from tarkit.cli import main
 from tarkit.tatok import TATok
 from tarkit_plugins.app import MISSING_GRADIO
-from tarkit_plugins.app_ui import NO_IMAGE, Handlers, Models, Sampling, for_page
+from tarkit_plugins.app_ui import NO_ANSWER, NO_IMAGE, Handlers, Models, Sampling, for_page
 from tarkit_plugins.codebooks import LearnedCodebook
 from tarkit_plugins.detok.ar import AutoregressiveDeTokenizer
 from tarkit_plugins.detok.pixel_vq import PixelVQ
@@ -100,7 +100,7 @@ def test_empty_prompts_do_what_the_pipelines_define_and_say_so(models, image, ca
     assert np.array_equal(np.asarray(blank), np.asarray(unconditional))
     with pytest.warns(UserWarning, match="redraws the image"):
         assert isinstance(handlers.edit(image, "", *settings(models)), Image.Image)
-    assert handlers.answer(image, "") == models.i2t.generate(image, "")  # "Describe the image."
+    assert handlers.answer(image, "") == (models.i2t.generate(image, "") or NO_ANSWER)  # "Describe the image."
     assert "no question: describing the image" in capsys.readouterr().out
 
 
@@ -174,3 +174,8 @@ def test_without_gradio_the_command_names_the_extra(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio now raises ImportError
     assert main(["app"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"tarkit app: error: {MISSING_GRADIO}"]
+
+
+def test_an_answer_the_lm_leaves_empty_says_so(models, image, monkeypatch):
+    monkeypatch.setattr(models.i2t, "generate", lambda image, question: "")
+    assert Handlers(models).answer(image, "Is there a red circle?") == NO_ANSWER
