@@ -7,9 +7,9 @@ request sees another's settings. All three events share one worker (``concurrenc
 request at a time and the queue holds the rest, so concurrent users wait instead of failing.
 
 Bad input (no image, an unreadable file, a setting the pipelines refuse) is raised as ``gr.Error`` with the
-pipelines' one-line message, shown in the page; an empty prompt is allowed, as the pipelines define it, with a
-warning in the page saying what it does. Each event has an API name (``/answer``, ``/generate``, ``/edit``) for
-``gradio_client``.
+pipelines' one-line message, shown in the page; a scale the LM never saw in training is a warning there. An empty
+prompt is allowed, as the pipelines define it, with a warning in the page saying what it does. Each event has an
+API name (``/answer``, ``/generate``, ``/edit``) for ``gradio_client``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,13 @@ import gradio as gr
 import torch
 from PIL import Image
 
-from tarkit_plugins.pipelines import EditPipeline, ImageToTextPipeline, PathLike, TextToImagePipeline
+from tarkit_plugins.pipelines import (
+    EditPipeline,
+    ImageToTextPipeline,
+    PathLike,
+    TextToImagePipeline,
+    UnseenScaleWarning,
+)
 
 Pipeline = TypeVar("Pipeline", bound=TextToImagePipeline)
 
@@ -117,11 +123,15 @@ class Models:
 
 @contextmanager
 def shown_in_page() -> Iterator[None]:
-    """The pipelines' one-line refusals as the page's error message, their warnings (e.g. a scale the LM never
-    saw in training) as its warnings; anything else is a bug and keeps its traceback, in the server's log."""
+    """The pipelines' one-line refusals as the page's error message, their :class:`UnseenScaleWarning` (a scale the
+    LM never saw in training) as its warning; anything else is a bug and keeps its traceback, in the server's log.
+
+    Other warnings are not the user's business (the filters are process-wide, so one may even come from the
+    server's own threads): they are issued again as they were."""
+    caught: list[warnings.WarningMessage] = []
     try:
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+            warnings.simplefilter("always", UnseenScaleWarning)
             yield
     except gr.Error:  # already a message for the page (gr.Error is a ValueError)
         raise
@@ -129,7 +139,10 @@ def shown_in_page() -> Iterator[None]:
         raise gr.Error(for_page(str(err)), print_exception=False) from err
     finally:
         for warning in caught:
-            gr.Warning(for_page(str(warning.message)))
+            if issubclass(warning.category, UnseenScaleWarning):
+                gr.Warning(for_page(str(warning.message)))
+            else:
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 def for_page(message: str) -> str:

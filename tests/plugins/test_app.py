@@ -3,6 +3,7 @@ page, empty prompts do what the pipelines define (with a warning), every request
 shares the loaded weights; the command's own errors are one line. The page itself: test_app_browser.py."""
 
 import sys
+import warnings
 from dataclasses import asdict
 
 import gradio as gr
@@ -179,3 +180,15 @@ def test_without_gradio_the_command_names_the_extra(monkeypatch, capsys):
 def test_an_answer_the_lm_leaves_empty_says_so(models, image, monkeypatch):
     monkeypatch.setattr(models.i2t, "generate", lambda image, question: "")
     assert Handlers(models).answer(image, "Is there a red circle?") == NO_ANSWER
+
+
+def test_warnings_that_are_not_about_the_request_stay_out_of_the_page(models, image, monkeypatch):
+    def answer_while_the_server_warns(image, question):
+        warnings.warn("unclosed event loop", ResourceWarning, stacklevel=1)  # e.g. from gradio's own threads
+        return "Yes."
+
+    monkeypatch.setattr(models.i2t, "generate", answer_while_the_server_warns)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert Handlers(models).answer(image, "Is there a red circle?") == "Yes."
+    assert [(w.category, str(w.message)) for w in seen] == [(ResourceWarning, "unclosed event loop")]

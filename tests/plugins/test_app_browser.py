@@ -144,6 +144,13 @@ def edit(driver, url: str, scene: str, instruction: str = INSTRUCTION) -> np.nda
     return result_image(driver, "edit-result")
 
 
+def no_messages(driver) -> bool:
+    """Whether the page shows no error or warning (a stray warning would be one the user cannot act on)."""
+    from selenium.webdriver.common.by import By
+
+    return not driver.find_elements(By.CSS_SELECTOR, "[data-testid=toast-body]")
+
+
 def saved_screenshot(driver, path: Path) -> Path:
     driver.execute_script("window.scrollTo(0, 0)")  # the whole tab from its top, whatever a click scrolled to
     assert driver.save_screenshot(str(path))
@@ -171,6 +178,7 @@ def test_the_page_generates_an_image_from_a_prompt(browser, app, tmp_path):
     url, models = app
     shown = generate(browser, url)
     saved_screenshot(browser, tmp_path / "app_generate.png")
+    assert no_messages(browser)
     # The page's defaults are the LM folder's record and seed 0: the very image the loaded pipeline draws.
     assert np.array_equal(shown, np.asarray(models.t2i.generate_image(PROMPT, seed_zero())))
 
@@ -179,6 +187,7 @@ def test_the_page_edits_the_uploaded_image(browser, app, scene, tmp_path):
     url, models = app
     shown = edit(browser, url, scene)
     saved_screenshot(browser, tmp_path / "app_edit.png")
+    assert no_messages(browser)
     edited = models.pipeline(EditPipeline, models.defaults).edit(scene, INSTRUCTION, seed_zero())
     assert np.array_equal(shown, np.asarray(edited))
 
