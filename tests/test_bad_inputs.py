@@ -20,15 +20,13 @@ from tarkit.cli import main
 from tarkit.data import DataFormatError
 from tarkit.pretrained import PretrainedLoadError
 from tarkit.tatok import TATok, load_tatok
-from tarkit_plugins.codebooks import LearnedCodebook
 from tarkit_plugins.datamodules.prompts import PromptsDataModule
 from tarkit_plugins.detok.ar import AutoregressiveDeTokenizer, load_official_ar_detokenizer
 from tarkit_plugins.detok.pixel_vq import PixelVQ
-from tarkit_plugins.encoders import SigLIP2Encoder
 from tarkit_plugins.image_inputs import images_to_batch
 from tarkit_plugins.lms import HFCausalLM
 from tarkit_plugins.pipelines import ImageToTextPipeline, TextToImagePipeline
-from tarkit_plugins.quantizers import SimVQ
+from tests.tiny_parts import MICRO_GPT, MICRO_VQ, SMALL_LM, tiny_tatok
 
 OLD = Path(__file__).parent / "fixtures" / "folders_v0_1"
 SIZE = 48  # the tiny encoder's input side
@@ -128,43 +126,11 @@ def parts():
     """A tiny TA-Tok (12x12 grid: 144 / 36 / 16 codes at scales 1 / 2 / 3), an LM of 128 positions, an AR
     de-tokenizer."""
     torch.manual_seed(0)
-    decoder = {"num_attention_heads": 4, "intermediate_size": 64, "num_patches": 144, "vision_use_head": False}
-    tatok = TATok(
-        SigLIP2Encoder("tiny"), LearnedCodebook(num_codes=32, dim=16), SimVQ(), decoder_depth=1, decoder_config=decoder
-    )
-    lm = HFCausalLM(
-        preset="tiny",
-        tokenizer="bytes",
-        num_codes=32,
-        num_scales=3,
-        config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-            "max_position_embeddings": 128,
-        },
-    )
-    vq = PixelVQ(
-        preset=None,
-        config={
-            "image_size": 16,
-            "codebook_size": 32,
-            "codebook_dim": 4,
-            "channels": 8,
-            "channel_mult": [1, 2, 2],
-            "z_channels": 8,
-            "num_res_blocks": 1,
-            "norm_groups": 4,
-        },
-    )
-    detok = AutoregressiveDeTokenizer(
-        vq,
-        condition_dim=96,
-        preset="tiny",
-        config={"width": 32, "depth": 1, "heads": 2, "mlp_hidden": 64, "max_condition_tokens": 144},
-    )
+    tatok = tiny_tatok()
+    lm = HFCausalLM(preset="tiny", tokenizer="bytes", num_codes=32, num_scales=3,
+                    config={**SMALL_LM, "max_position_embeddings": 128, "initializer_range": 0.02})
+    vq = PixelVQ(preset=None, config=MICRO_VQ)
+    detok = AutoregressiveDeTokenizer(vq, condition_dim=96, preset="tiny", config=MICRO_GPT)
     return ImageToTextPipeline(lm, tatok, scale=3), TextToImagePipeline(lm, tatok, detok, scale=3)
 
 

@@ -15,42 +15,15 @@ from PIL import Image
 import tarkit_plugins.detok.autoencoder as autoencoder
 import tarkit_plugins.pipelines as pipelines
 from tarkit.cli import main
-from tarkit.tatok import TATok
 from tarkit_plugins.app import MISSING_GRADIO
 from tarkit_plugins.app_ui import NO_ANSWER, NO_IMAGE, Handlers, Models, Sampling, for_page
-from tarkit_plugins.codebooks import LearnedCodebook
-from tarkit_plugins.detok.ar import AutoregressiveDeTokenizer
-from tarkit_plugins.detok.pixel_vq import PixelVQ
-from tarkit_plugins.encoders import SigLIP2Encoder
-from tarkit_plugins.lm.settings import GenerationDefaults, TarSettings, tatok_record, write_settings
-from tarkit_plugins.lms import HFCausalLM
-from tarkit_plugins.quantizers import SimVQ
-
-SMALL_LM = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-            "num_key_value_heads": 1, "initializer_range": 0.3}
-DECODER = {"num_attention_heads": 4, "intermediate_size": 64, "num_patches": 144, "vision_use_head": False}
-MICRO_VQ = {"image_size": 16, "codebook_size": 32, "codebook_dim": 4, "channels": 8, "channel_mult": [1, 2, 2],
-            "z_channels": 8, "num_res_blocks": 1, "norm_groups": 4}
-MICRO_GPT = {"width": 32, "depth": 1, "heads": 2, "mlp_hidden": 64, "max_condition_tokens": 144}
-RECORDED = GenerationDefaults(scale=2, cfg_scale=3.0, temperature=0.5, top_k=7, top_p=0.9)
+from tests.tiny_parts import write_bundle
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """A tiny untrained bundle (lm/ recording train_scales [2] and generation defaults, tatok/, ar_detok/), loaded."""
-    root = tmp_path_factory.mktemp("app_bundle")
-    torch.manual_seed(0)
-    tatok = TATok(SigLIP2Encoder("tiny"), LearnedCodebook(num_codes=32, dim=16), SimVQ(), decoder_depth=1,
-                  decoder_config=DECODER)
-    tatok.save_pretrained(root / "tatok")
-    lm = HFCausalLM(preset="tiny", tokenizer="bytes", config=SMALL_LM, num_codes=32, num_scales=3)
-    with torch.no_grad():  # new rows start as the mean of the old ones: make image tokens differ, so codes vary
-        lm.output_head.weight[lm.vocab.image_start : lm.vocab.image_end].normal_(std=0.3)
-    lm.save_pretrained(root / "lm")
-    record = tatok_record(str(root / "tatok"), root / "lm", tatok.pool_scales, tatok.num_codes)
-    write_settings(root / "lm", TarSettings(train_scales=[2], tatok=record, generation=RECORDED))
-    vq = PixelVQ(preset=None, config=MICRO_VQ)
-    AutoregressiveDeTokenizer(vq, condition_dim=96, preset="tiny", config=MICRO_GPT).save_pretrained(root / "ar_detok")
+    root = write_bundle(tmp_path_factory.mktemp("app_bundle"))
     return Models.load(root / "lm", root / "tatok", root / "ar_detok")
 
 

@@ -12,19 +12,12 @@ from PIL import Image
 
 import tarkit_plugins.pipelines as pipelines
 from tarkit.prompts import image_ids, user_prefix
-from tarkit.tatok import TATok
-from tarkit_plugins.codebooks import LearnedCodebook
 from tarkit_plugins.detok.ar import AutoregressiveDeTokenizer
-from tarkit_plugins.detok.pixel_vq import PixelVQ
-from tarkit_plugins.encoders import SigLIP2Encoder
 from tarkit_plugins.image_inputs import IMAGE_INPUTS, images_to_batch
 from tarkit_plugins.lm.settings import (
-    GenerationDefaults,
     TarSettings,
     TATokRecord,
     read_settings,
-    tatok_record,
-    write_settings,
 )
 from tarkit_plugins.lms import HFCausalLM
 from tarkit_plugins.pipelines import (
@@ -34,17 +27,11 @@ from tarkit_plugins.pipelines import (
     UnseenScaleWarning,
     recorded_tatok,
 )
-from tarkit_plugins.quantizers import SimVQ
 from tarkit_plugins.tasks import ImageToImage, TextImageToImage
+from tests.tiny_parts import tiny_tatok, write_bundle
 
 SIZE = 48  # the tiny encoder's input side: no resizing, so every input kind must give the exact same pixels
 # initializer_range 0.3: sharp enough that the prompt visibly changes the codes an untrained LM samples.
-SMALL_LM = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-            "num_key_value_heads": 1, "initializer_range": 0.3}
-DECODER = {"num_attention_heads": 4, "intermediate_size": 64, "num_patches": 144, "vision_use_head": False}
-MICRO_VQ = {"image_size": 16, "codebook_size": 32, "codebook_dim": 4, "channels": 8, "channel_mult": [1, 2, 2],
-            "z_channels": 8, "num_res_blocks": 1, "norm_groups": 4}
-MICRO_GPT = {"width": 32, "depth": 1, "heads": 2, "mlp_hidden": 64, "max_condition_tokens": 144}
 
 
 def picture(size: int = SIZE) -> np.ndarray:
@@ -60,25 +47,9 @@ def one_line(err: pytest.ExceptionInfo) -> str:
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    """A Tar bundle: lm/ (recording train_scales [2] and its TA-Tok), tatok/, ar_detok/ and a pixel_vq/ that is no
-    de-tokenizer; lm/ and tatok/ are siblings, so the record also finds the TA-Tok relative to lm/."""
-    root = tmp_path_factory.mktemp("bundle")
-    torch.manual_seed(0)
-    tatok = TATok(SigLIP2Encoder("tiny"), LearnedCodebook(num_codes=32, dim=16), SimVQ(), decoder_depth=1,
-                  decoder_config=DECODER)
-    tatok.save_pretrained(root / "tatok")
-    lm = HFCausalLM(preset="tiny", tokenizer="bytes", config=SMALL_LM, num_codes=32, num_scales=3)
-    with torch.no_grad():  # new rows start as the mean of the old ones: make image tokens differ, so codes vary
-        lm.output_head.weight[lm.vocab.image_start : lm.vocab.image_end].normal_(std=0.3)
-    lm.save_pretrained(root / "lm")
-    record = tatok_record(str(root / "tatok"), root / "lm", tatok.pool_scales, tatok.num_codes)
-    generation = GenerationDefaults(scale=2, cfg_scale=3.0, temperature=0.5, top_k=7, top_p=0.9)
-    write_settings(root / "lm", TarSettings(train_scales=[2], tatok=record, generation=generation))
-    lm.save_pretrained(root / "plain_lm")  # the same LM with no record
-    vq = PixelVQ(preset=None, config=MICRO_VQ)
-    vq.save_pretrained(root / "pixel_vq")
-    AutoregressiveDeTokenizer(vq, condition_dim=96, preset="tiny", config=MICRO_GPT).save_pretrained(root / "ar_detok")
-    return root
+    """A Tar bundle (:func:`tests.tiny_parts.write_bundle`): lm/ and tatok/ are siblings, so the record also finds
+    the TA-Tok relative to lm/; pixel_vq/ is no de-tokenizer."""
+    return write_bundle(tmp_path_factory.mktemp("bundle"))
 
 
 @pytest.fixture(scope="module")
@@ -263,8 +234,7 @@ def test_a_scale_never_trained_on_warns_at_the_callers_line(bundle):
 
 def test_a_tatok_with_other_pool_scales_is_refused(bundle):
     torch.manual_seed(0)
-    other = TATok(SigLIP2Encoder("tiny"), LearnedCodebook(num_codes=32, dim=16), SimVQ(), pool_scales=[1, 2],
-                  decoder_depth=1, decoder_config=DECODER)
+    other = tiny_tatok(pool_scales=[1, 2])
     with pytest.raises(ValueError, match=r"pool scales \[1, 2, 3\].*but this one has \[1, 2\]"):
         ImageToTextPipeline(bundle / "lm", other)
 

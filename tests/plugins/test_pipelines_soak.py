@@ -10,14 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from tarkit.tatok import TATok
-from tarkit_plugins.codebooks import LearnedCodebook
-from tarkit_plugins.encoders import SigLIP2Encoder
 from tarkit_plugins.lms import HFCausalLM
 from tarkit_plugins.pipelines import ImageToTextPipeline, TextToImagePipeline
-from tarkit_plugins.quantizers import SimVQ
+from tests.tiny_parts import tiny_tatok
 
-DECODER = {"num_attention_heads": 4, "intermediate_size": 64, "num_patches": 144, "vision_use_head": False}
 REQUESTS = 300
 WARMUP = 40  # requests before the memory baseline: allocator pools and caches fill first
 RSS_GROWTH_BOUND = 64 * 2**20  # bytes the resident set may grow over the remaining requests
@@ -32,8 +28,7 @@ def resident_bytes() -> int:
 @pytest.fixture(scope="module")
 def pipelines():
     torch.manual_seed(0)
-    tatok = TATok(SigLIP2Encoder(preset="tiny"), LearnedCodebook(num_codes=32, dim=16), SimVQ(), decoder_depth=1,
-                  decoder_config=DECODER)
+    tatok = tiny_tatok()
     lm = HFCausalLM(preset="tiny", tokenizer="bytes", num_codes=32, num_scales=3)
     return ImageToTextPipeline(lm, tatok, scale=3), TextToImagePipeline(lm, tatok, scale=3, cfg_scale=2.0)
 

@@ -8,18 +8,7 @@ from tarkit_plugins.codebooks import LearnedCodebook
 from tarkit_plugins.detok.pixel_vq import PixelVQ
 from tarkit_plugins.encoders import SigLIP2Encoder
 from tarkit_plugins.quantizers import SimVQ
-
-# A 16 px VQ with 4x downsampling: 4 x 4 = 16 codes of a 32-code codebook, a few thousand parameters.
-MICRO_VQ = {
-    "image_size": 16,
-    "codebook_size": 32,
-    "codebook_dim": 4,
-    "channels": 8,
-    "channel_mult": [1, 2, 2],
-    "z_channels": 8,
-    "num_res_blocks": 1,
-    "norm_groups": 4,
-}
+from tests.tiny_parts import MICRO_VQ
 
 
 def micro_vq(**overrides) -> PixelVQ:

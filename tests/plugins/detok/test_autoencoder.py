@@ -7,13 +7,8 @@ import torch
 from torch import nn
 
 from tarkit.interfaces import DeTokenizer
-from tarkit.tatok import TATok
-from tarkit_plugins.codebooks import LearnedCodebook
 from tarkit_plugins.detok.autoencoder import MMAutoEncoder, load_detokenizer, to_uint8
-from tarkit_plugins.encoders import SigLIP2Encoder
-from tarkit_plugins.quantizers import SimVQ
-
-DECODER = {"num_attention_heads": 4, "intermediate_size": 64, "num_patches": 144, "vision_use_head": False}
+from tests.tiny_parts import tiny_tatok
 
 
 class FlatColourDeTokenizer(DeTokenizer):
@@ -50,8 +45,7 @@ class FlatColourDeTokenizer(DeTokenizer):
 @pytest.fixture(scope="module")
 def tatok():
     torch.manual_seed(0)
-    return TATok(SigLIP2Encoder(preset="tiny"), LearnedCodebook(num_codes=32, dim=16), SimVQ(), decoder_depth=1,
-                 decoder_config=DECODER).eval()
+    return tiny_tatok().eval()
 
 
 def test_reconstruct_and_decode_give_uint8_images_at_every_scale(tatok):

@@ -12,16 +12,12 @@ from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
 
 from tarkit.cli import main
 from tarkit.cpu_linear import CPULinear, use_cpu_linears
-from tarkit.tatok import TATok
-from tarkit_plugins.codebooks import LearnedCodebook
-from tarkit_plugins.encoders import SigLIP2Encoder
 from tarkit_plugins.lm.lora import LoRA, image_word_ids
 from tarkit_plugins.lms import HFCausalLM
 from tarkit_plugins.pipelines import ImageToTextPipeline, TextToImagePipeline
-from tarkit_plugins.quantizers import SimVQ
+from tests.tiny_parts import tiny_tatok
 
 ROOT = Path(__file__).resolve().parents[3]
-DECODER = {"num_attention_heads": 4, "intermediate_size": 64, "num_patches": 144, "vision_use_head": False}
 SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
          "num_key_value_heads": 1}
 ADAPTER_KEYS = ("lora_A", "lora_B", "trainable_tokens_delta")
@@ -30,9 +26,7 @@ ADAPTER_KEYS = ("lora_A", "lora_B", "trainable_tokens_delta")
 @pytest.fixture(scope="module")
 def tatok_dir(tmp_path_factory):
     torch.manual_seed(0)
-    tatok = TATok(SigLIP2Encoder(preset="tiny"), LearnedCodebook(num_codes=32, dim=16), SimVQ(), decoder_depth=1,
-                  decoder_config=DECODER)
-    return tatok.save_pretrained(tmp_path_factory.mktemp("tatok"))
+    return tiny_tatok().save_pretrained(tmp_path_factory.mktemp("tatok"))
 
 
 @pytest.fixture(scope="module")

@@ -10,28 +10,22 @@ from transformers import AutoTokenizer, GenerationConfig, Qwen2ForCausalLM
 
 from tarkit.cli import main
 from tarkit.prompts import IGNORE_INDEX
-from tarkit.tatok import TATok
 from tarkit.vocab import VocabularyError
-from tarkit_plugins.codebooks import LearnedCodebook
-from tarkit_plugins.encoders import SigLIP2Encoder
 from tarkit_plugins.lm.reflect import DEFAULT_QUESTION
 from tarkit_plugins.lm.settings import GenerationDefaults, TarSettings, TATokRecord, read_settings
 from tarkit_plugins.lms import HFCausalLM
 from tarkit_plugins.pipelines import ImageToTextPipeline, TextToImagePipeline
-from tarkit_plugins.quantizers import SimVQ
 from tarkit_plugins.tasks import ImageToText as I2TTask
 from tarkit_plugins.tasks import TextToImage as T2ITask
+from tests.tiny_parts import tiny_tatok
 
 ROOT = Path(__file__).resolve().parents[3]
-DECODER = {"num_attention_heads": 4, "intermediate_size": 64, "num_patches": 144, "vision_use_head": False}
 
 
 @pytest.fixture(scope="module")
 def tatok_dir(tmp_path_factory):
     torch.manual_seed(0)
-    tatok = TATok(SigLIP2Encoder(preset="tiny"), LearnedCodebook(num_codes=32, dim=16), SimVQ(), decoder_depth=1,
-                  decoder_config=DECODER)
-    return tatok.save_pretrained(tmp_path_factory.mktemp("tatok"))
+    return tiny_tatok().save_pretrained(tmp_path_factory.mktemp("tatok"))
 
 
 @pytest.fixture(scope="module")
