@@ -27,7 +27,7 @@ from tarkit.cpu_linear import cpu_linear
 from tarkit.interfaces import LanguageModel
 from tarkit.vocab import ImageVocabulary
 
-__all__ = ["generate_image_codes", "generate_text", "sample_next"]
+__all__ = ["generate_image_codes", "generate_text", "image_head", "sample_next"]
 
 
 def sample_next(
@@ -126,10 +126,7 @@ def generate_image_codes(
         raise ValueError(f"cfg_scale={cfg_scale} needs the unconditional prompt (uncond_input_ids/_attention_mask)")
     _check_sampling(temperature, top_k, top_p)
 
-    weight, bias = _output_head(lm)
-    rows = slice(vocab.image_start, vocab.image_end)
-    if vocab.image_end > weight.shape[0]:
-        raise ValueError(f"the model's head has {weight.shape[0]} rows, the image tokens end at {vocab.image_end}")
+    weight, bias = image_head(lm, vocab)
     batch, device = input_ids.shape[0], weight.device
     opening = torch.tensor([vocab.im_start, vocab.scale_ids[scale_index]], device=device)
 
@@ -150,7 +147,7 @@ def generate_image_codes(
     hidden = decoder.prefill(ids)
     picked = []
     for step in range(num_tokens):
-        logits = cpu_linear(hidden, weight[rows], None if bias is None else bias[rows]).float()  # [R, K]
+        logits = cpu_linear(hidden, weight, bias).float()  # [R, K]
         if guided:
             cond, uncond = logits[:batch], logits[batch:]
             logits = uncond + cfg_scale * (cond - uncond)
@@ -233,6 +230,16 @@ def _text_logits(
         if rows.start < rows.stop:
             logits[:, rows] = cpu_linear(hidden, weight[rows], None if bias is None else bias[rows]).float()
     return logits
+
+
+def image_head(lm: LanguageModel, vocab: ImageVocabulary) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output head's image rows, ``weight [K, H]`` and ``bias [K]`` (or None): logits over the image tokens
+    alone, code ``k`` in column ``k``, as image-token sampling and scoring read them."""
+    weight, bias = _output_head(lm)
+    if vocab.image_end > weight.shape[0]:
+        raise ValueError(f"the model's head has {weight.shape[0]} rows, the image tokens end at {vocab.image_end}")
+    rows = slice(vocab.image_start, vocab.image_end)
+    return weight[rows], None if bias is None else bias[rows]
 
 
 def _output_head(lm: LanguageModel) -> tuple[torch.Tensor, torch.Tensor | None]:

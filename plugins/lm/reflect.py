@@ -17,6 +17,7 @@ from torch.nn import functional as F
 from tarkit.interfaces import LanguageModel
 from tarkit.prompts import IGNORE_INDEX, chat_example, image_ids, image_span, pad_examples
 from tarkit.vocab import ImageVocabulary
+from tarkit_plugins.lm.generation import image_head
 
 DEFAULT_QUESTION = "Describe the image."
 
@@ -36,16 +37,11 @@ def prompt_log_likelihood(
         chat_example(lm.tokenizer, [image_ids(vocab, c.cpu()), "\n" + question], [p])
         for c, p in zip(codes, prompts, strict=True)
     ]
-    device = next(lm.parameters()).device
-    batch = {k: v.to(device) for k, v in pad_examples(examples, lm.tokenizer.pad_token_id).items()}
-    hidden = lm.hidden_states(batch["input_ids"], batch["attention_mask"])[:, :-1]
-    targets = batch["labels"][:, 1:]
+    hidden, targets = _teacher_forced(lm, examples)
     supervised = targets != IGNORE_INDEX
     # Only the prompt's positions reach the output head: a full [B, T, vocabulary] would be ~150k logits a token.
     logits = lm.output_head(hidden[supervised]).float()
-    token_logp = -F.cross_entropy(logits, targets[supervised], reduction="none")
-    rows = supervised.nonzero()[:, 0]
-    return torch.zeros(len(examples), device=device).index_add_(0, rows, token_logp) / supervised.sum(1)
+    return _row_means(-F.cross_entropy(logits, targets[supervised], reduction="none"), supervised)
 
 
 @torch.no_grad()
@@ -58,18 +54,24 @@ def image_log_likelihood(
         raise ValueError(f"got {len(codes)} images' codes but {len(users)} user turns")
     spans = [[image_span(vocab, c.cpu(), scale_index)] for c in codes]
     examples = [chat_example(lm.tokenizer, user, span) for user, span in zip(users, spans, strict=True)]
+    hidden, targets = _teacher_forced(lm, examples)
+    drawn = vocab.is_image(targets) & (targets != IGNORE_INDEX)
+    logits = F.linear(hidden[drawn], *image_head(lm, vocab)).float()
+    token_logp = logits.log_softmax(-1).gather(1, (targets[drawn] - vocab.image_start)[:, None]).squeeze(1)
+    return _row_means(token_logp, drawn)
+
+
+def _teacher_forced(lm: LanguageModel, examples: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hidden states ``[B, T-1, H]`` of a padded batch of chat examples and the labels each position predicts."""
     device = next(lm.parameters()).device
     batch = {k: v.to(device) for k, v in pad_examples(examples, lm.tokenizer.pad_token_id).items()}
-    hidden = lm.hidden_states(batch["input_ids"], batch["attention_mask"])[:, :-1]
-    targets = batch["labels"][:, 1:]
-    drawn = vocab.is_image(targets) & (targets != IGNORE_INDEX)
-    head = lm.output_head
-    rows = slice(vocab.image_start, vocab.image_end)
-    bias = None if head.bias is None else head.bias[rows]
-    logits = F.linear(hidden[drawn], head.weight[rows], bias).float()
-    token_logp = logits.log_softmax(-1).gather(1, (targets[drawn] - vocab.image_start)[:, None]).squeeze(1)
-    row_of = drawn.nonzero()[:, 0]
-    return torch.zeros(len(examples), device=device).index_add_(0, row_of, token_logp) / drawn.sum(1)
+    return lm.hidden_states(batch["input_ids"], batch["attention_mask"])[:, :-1], batch["labels"][:, 1:]
+
+
+def _row_means(token_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean per row of ``mask [B, T]`` of ``token_values``, given in the order of ``mask``'s True entries."""
+    rows = mask.nonzero()[:, 0]
+    return torch.zeros(len(mask), device=mask.device).index_add_(0, rows, token_values) / mask.sum(1)
 
 
 def best_of(scores: torch.Tensor, candidates: int) -> torch.Tensor:
