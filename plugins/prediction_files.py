@@ -65,15 +65,15 @@ class ResumableJsonl:
 
     def append(self, rows: Iterable[dict[str, Any]]) -> None:
         """Add ``rows`` at the end of the file, on disk before this returns."""
-        lines = [json.dumps(row) + "\n" for row in rows]
-        if not lines:
+        rows = list(rows)
+        if not rows:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as handle:
-            handle.writelines(lines)
+            handle.writelines(json.dumps(row) + "\n" for row in rows)
             handle.flush()
             os.fsync(handle.fileno())
-        self.done.update(json.loads(line)[self.key] for line in lines)
+        self.done.update(row[self.key] for row in rows)
 
 
 def report_skipped(count: int, folder: str | Path) -> None:
