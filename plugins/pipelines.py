@@ -49,7 +49,6 @@ from tarkit_plugins.lm.reflect import DEFAULT_QUESTION, best_of, image_log_likel
 from tarkit_plugins.lm.settings import TarSettings, read_settings, settings_of
 
 Images = ImageInput | Sequence[ImageInput]
-SAMPLING_SETTINGS = frozenset({"cfg_scale", "temperature", "top_k", "top_p", "candidates"})
 PathLike = str | os.PathLike
 
 
@@ -239,6 +238,13 @@ class _TarPipeline:
                 f"tokens (max_position_embeddings); shorten the prompt{fix}"
             )
 
+    def one_image(self, image: ImageInput, call: str, batched: str) -> torch.Tensor:
+        """The input batch of a one-image call; several images are a one-line error pointing at ``batched``."""
+        pixels = self.pixels(image)
+        if len(pixels) != 1:
+            raise ValueError(f"{call} takes one image, got {len(pixels)}; use {batched} for several")
+        return pixels
+
     def pixels(self, images: Images) -> torch.Tensor:
         """Any accepted image input as the TA-Tok's input batch (on its device)."""
         device = next(self.tatok.parameters()).device
@@ -309,9 +315,7 @@ class ImageToTextPipeline(_TarPipeline):
 
     def generate(self, image: ImageInput, prompt: str, **kwargs: Any) -> str:
         """The reference's call shape: one image and its question -> the answer."""
-        pixels = self.pixels(image)
-        if len(pixels) != 1:
-            raise ValueError(f"generate takes one image, got {len(pixels)}; use generate_batch for several")
+        pixels = self.one_image(image, "generate", "generate_batch")
         return self.generate_batch(pixels, [check_prompt(prompt)], **kwargs)[0]
 
 
@@ -359,21 +363,6 @@ class TextToImagePipeline(_TarPipeline):
             if detokenizer is None
             else MMAutoEncoder(self.tatok, detokenizer, self.scale, detok_cfg_scale, **(detok_sampling or {}))
         )
-
-    def with_settings(self, **settings: Any) -> Self:
-        """A copy sharing this pipeline's models, with other sampling settings (``cfg_scale``, ``temperature``,
-        ``top_k``, ``top_p``, ``candidates``): per-request settings without loading anything again."""
-        unknown = sorted(set(settings) - SAMPLING_SETTINGS)
-        if unknown:
-            raise ValueError(f"unknown sampling settings {unknown}; settings are {sorted(SAMPLING_SETTINGS)}")
-        if settings.get("candidates", 1) < 1:
-            raise ValueError(f"candidates must be >= 1, got {settings['candidates']}")
-        copy = object.__new__(type(self))
-        copy.__dict__.update(self.__dict__)
-        copy.__dict__.update(settings)
-        if "top_k" in settings:
-            copy.top_k = settings["top_k"] or None  # 0: off, as in the constructor
-        return copy
 
     @classmethod
     def from_pretrained(cls, bundle: PathLike, **overrides: Any) -> TextToImagePipeline:
@@ -534,7 +523,5 @@ class EditPipeline(TextToImagePipeline):
 
     def edit(self, image: ImageInput, instruction: str, generator: torch.Generator | None = None) -> Image.Image:
         """One image and its instruction -> the edited image."""
-        pixels = self.pixels(image)
-        if len(pixels) != 1:
-            raise ValueError(f"edit takes one image, got {len(pixels)}; use edit_images for several")
+        pixels = self.one_image(image, "edit", "edit_images")
         return self.edit_images(pixels, [check_prompt(instruction, "instruction")], generator)[0]

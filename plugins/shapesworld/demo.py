@@ -177,14 +177,17 @@ def evaluation_samplers(seed: int) -> dict[str, SceneSampler]:
 
 
 def evaluate_split(
-    t2i: EditPipeline, i2t: ImageToTextPipeline, sampler: SceneSampler, args: argparse.Namespace
+    t2i: TextToImagePipeline,
+    i2t: ImageToTextPipeline,
+    edit: EditPipeline,
+    sampler: SceneSampler,
+    args: argparse.Namespace,
 ) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
     examples = [sampler.example(i) for i in range(max(args.prompts, args.images))]
     rows, samples = evaluate_t2i(t2i, examples[: args.prompts], args.batch_size, args.seed)
     pope, caption = evaluate_i2t(i2t, sampler, examples[: args.images], args.batch_size)
-    plain = t2i.with_settings(candidates=1)  # edits are scored as sampled
-    edit, _ = evaluate_edits(plain, sampler, examples[: args.images], args.batch_size, args.seed)
-    return {"geneval": geneval_summary(rows), "pope": pope, "caption": caption, "edit": edit}, samples
+    edits, _ = evaluate_edits(edit, sampler, examples[: args.images], args.batch_size, args.seed)
+    return {"geneval": geneval_summary(rows), "pope": pope, "caption": caption, "edit": edits}, samples
 
 
 def measure_ladder(
@@ -251,14 +254,16 @@ def save_comparison_grid_image(originals: torch.Tensor, vq: torch.Tensor, round_
 def evaluate(out: Path, args: argparse.Namespace) -> tuple[dict[str, Any], list[Rung], dict[str, str]]:
     checkpoints = out / "checkpoints"
     torch.manual_seed(args.seed)
-    t2i = EditPipeline.from_pretrained(  # T2I and, with its own settings, editing: the models are loaded once
+    t2i = TextToImagePipeline.from_pretrained(
         checkpoints, scale=args.scale, cfg_scale=args.cfg_scale, candidates=args.candidates
     )
     i2t = ImageToTextPipeline(t2i.lm, t2i.tatok, scale=args.scale)
+    # edits are scored as sampled (one candidate), over the same loaded models
+    edit = EditPipeline(t2i.lm, t2i.tatok, t2i.autoencoder.detokenizer, scale=args.scale, cfg_scale=args.cfg_scale)
     samplers = evaluation_samplers(args.seed)
     splits, samples = {}, {}
     for name, sampler in samplers.items():
-        splits[name], samples[name] = evaluate_split(t2i, i2t, sampler, args)
+        splits[name], samples[name] = evaluate_split(t2i, i2t, edit, sampler, args)
         splits[name]["about"] = SPLITS_ABOUT[name][1]
     ladder = measure_ladder(checkpoints, t2i, samplers["test"], splits["test"], args)
     labelled_grid(samples["test"][:24]).save(out / "samples.png")

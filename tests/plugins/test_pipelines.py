@@ -367,16 +367,3 @@ def test_image_log_likelihood_prefers_the_lms_own_greedy_image(bundle):
     other = (greedy + 1) % 32
     scores = image_log_likelihood(edit.lm, edit.vocab, users * 2, torch.cat([greedy, other]), 2)
     assert scores.shape == (2,) and scores[0] > scores[1] and (scores < 0).all()
-
-
-def test_with_settings_shares_the_models_and_changes_only_what_it_is_given(bundle):
-    t2i = TextToImagePipeline(bundle / "lm", detokenizer=bundle / "ar_detok")
-    greedy = t2i.with_settings(temperature=0.0, top_k=0, candidates=2)
-    assert greedy.lm is t2i.lm and greedy.tatok is t2i.tatok and greedy.autoencoder is t2i.autoencoder
-    assert (greedy.temperature, greedy.top_k, greedy.candidates) == (0.0, None, 2)
-    assert (t2i.temperature, t2i.top_k, t2i.candidates) == (0.5, 7, 1)  # the original keeps its own
-    assert greedy.cfg_scale == t2i.cfg_scale and type(EditPipeline(bundle / "lm").with_settings()) is EditPipeline
-    for settings, message in (({"scale": 1}, "unknown sampling settings \\['scale'\\]"),
-                              ({"candidates": 0}, "candidates must be >= 1")):
-        with pytest.raises(ValueError, match=message):
-            t2i.with_settings(**settings)
